@@ -1,0 +1,51 @@
+"""Reading and writing consolidated checkpoints (a directory: config.yaml, model.safetensors, COMPLETE)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from lcl_megatron.config import Config, ConfigError, config_from_dict
+from lcl_megatron.convert.native import CheckpointMismatch, check_tensors
+from lcl_megatron.training.checkpoint import (CONFIG_FILE, MODEL_FILE, load_model_file, resolve_checkpoint,
+                                              save_model_file, write_manifest)
+
+
+def write_checkpoint(out: Path, cfg: Config, tensors: dict, meta: dict) -> Path:
+    """Write atomically: into a temporary sibling directory, then rename into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        save_model_file(tensors, tmp / MODEL_FILE)
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_manifest(tmp, {"step": 0, **meta})
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_checkpoint(path: Path, check: bool = True) -> tuple[Config, dict]:
+    """(config, tensors) of a checkpoint directory or a run directory's newest checkpoint."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        cfg = config_from_dict(yaml.safe_load((ckpt / CONFIG_FILE).read_text()))
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"checkpoint '{ckpt}' has no readable {CONFIG_FILE}: {e}") from None
+    try:
+        tensors = load_model_file(ckpt / MODEL_FILE)
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise CheckpointMismatch(f"cannot read '{ckpt / MODEL_FILE}': {str(e).splitlines()[0]}") from None
+    if check:
+        from lcl_megatron.model.build import expected_tensor_shapes
+
+        check_tensors(expected_tensor_shapes(cfg.model), tensors, what=f"checkpoint '{ckpt}'")
+    return cfg, tensors

@@ -1,0 +1,79 @@
+"""Image decoding and preprocessing, as OpenCLIP's evaluation transform does it.
+
+OpenCLIP (and so the LCL reference) resizes the shorter side to `image_size`
+with bicubic filtering, centre-crops a square, scales to [0, 1] and normalises
+with OpenAI's CLIP statistics. torchvision is not usable here, so the same
+steps are written with PIL and numpy.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+# OpenAI CLIP's dataset statistics, the reference's defaults (open_clip.constants).
+OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Refuse images whose decoded size could exhaust memory (decompression bombs).
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+class BadImage(ValueError):
+    """An image that cannot be decoded or is unreasonably large."""
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode encoded image bytes into an RGB PIL image; raise BadImage on any failure."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise BadImage(f"image of {image.width}x{image.height} pixels is over the limit")
+            image.load()
+            return image.convert("RGB")
+    except BadImage:
+        raise
+    except Exception as e:  # PIL raises many unrelated types for broken files
+        raise BadImage(f"cannot decode image: {type(e).__name__}: {e}") from None
+
+
+def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    if short == size:
+        return image
+    new_long = int(size * long / short)  # truncation, as torchvision computes it
+    new_size = (size, new_long) if width <= height else (new_long, size)
+    return image.resize(new_size, Image.Resampling.BICUBIC)
+
+
+def _center_crop(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    top = int(round((height - size) / 2.0))
+    left = int(round((width - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+_MEAN = np.asarray(OPENAI_DATASET_MEAN, dtype=np.float32)
+_STD = np.asarray(OPENAI_DATASET_STD, dtype=np.float32)
+
+
+def preprocess_image(image: Image.Image, image_size: int) -> torch.Tensor:
+    """RGB PIL image -> normalised float32 tensor [3, image_size, image_size]."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    image = _center_crop(_resize_shorter_side(image, image_size), image_size)
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    pixels = (pixels - _MEAN) / _STD
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def load_image(data: bytes, image_size: int) -> torch.Tensor:
+    """Encoded bytes -> normalised tensor [3, image_size, image_size]; raises BadImage."""
+    return preprocess_image(decode_image(data), image_size)

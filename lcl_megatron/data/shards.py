@@ -1,0 +1,70 @@
+"""Webdataset tar shards: deterministic writing and fault-tolerant reading.
+
+A sample is the group of consecutive tar members sharing a key: the member
+name up to the first dot of its base name; the rest is the extension
+("doc7.json", "doc7.img0.png" -> key "doc7", extensions "json", "img0.png").
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
+    """Write samples (key, {extension: bytes}) into a tar whose bytes depend only on the samples."""
+    count = 0
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                info.mtime = 0
+                info.mode = 0o644
+                tar.addfile(info, io.BytesIO(data))
+            count += 1
+    return count
+
+
+class ShardError(IOError):
+    """A shard that could not be read to its end."""
+
+
+def read_shard(path: str | Path) -> Iterator[dict]:
+    """Yield samples {"__key__": key, ext: bytes, ...} in order.
+
+    Members without an extension are ignored. A truncated or corrupt tar raises
+    ShardError after the complete samples read before the damage were yielded.
+    """
+    current: dict | None = None
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                match = _KEY_EXT.match(member.name)
+                if match is None:
+                    continue
+                key, ext = match.groups()
+                data = tar.extractfile(member).read()
+                if current is not None and (current["__key__"] != key or ext in current):
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key}
+                current[ext] = data
+            end = tar.offset
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        raise ShardError(f"{path}: {type(e).__name__}: {e}") from None
+    # tarfile takes a header cut short for the end of the archive; a whole tar
+    # ends with two zero blocks after its last member.
+    if str(path).endswith(".tar") and os.path.getsize(path) < end + 2 * tarfile.BLOCKSIZE:
+        raise ShardError(f"{path}: truncated (no end-of-archive marker)")
+    if current is not None:
+        yield current

@@ -1,0 +1,20 @@
+"""Loading a checkpoint for evaluation in one process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_for_eval(path):
+    from lcl_megatron.convert.native import load_native_state_dict
+    from lcl_megatron.convert.writer import read_checkpoint
+    from lcl_megatron.model.build import build_model
+
+    cfg, tensors = read_checkpoint(Path(path))
+    cfg.train.precision = "fp32"  # evaluate in fp32 whatever the run trained in
+    cfg.parallel.tp = cfg.parallel.pp = 1
+    cfg.parallel.sp = False
+    model = build_model(cfg)
+    load_native_state_dict(model, {k: v.float() for k, v in tensors.items()})
+    model.eval()
+    return cfg, model

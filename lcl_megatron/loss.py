@@ -1,0 +1,135 @@
+"""The LCL losses: next-token generation and image-latent / context contrastive.
+
+Both are computed as sums over this rank's rows and normalised by global
+counts (all data-parallel ranks together), so that the data-parallel average
+of the per-rank losses is exactly the single-process loss on the global batch.
+`impl="fused"` swaps in the chunked kernels of `kernels/` behind the same
+interface.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+
+def _group_size(group) -> int:
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenate every rank's rows; the backward pass sums each rank's gradient
+    contributions back to the rows' owner (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        world = dist.get_world_size(group)
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        world = dist.get_world_size(ctx.group)
+        out = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        return out, None
+
+
+def _all_reduce_sum(value: torch.Tensor, group) -> torch.Tensor:
+    value = value.detach().clone()
+    if _group_size(group) > 1:
+        dist.all_reduce(value, group=group)
+    return value
+
+
+def gather_features(image_features, context_features, group):
+    """Gather all ranks' pairs with gradient, padding ranks with fewer rows.
+
+    Returns (all_image, all_context, targets [n] into the gathered columns, column_valid [M]).
+    """
+    n = image_features.shape[0]
+    world = _group_size(group)
+    targets = torch.arange(n, device=image_features.device)
+    if world == 1:
+        return image_features, context_features, targets, None
+    counts = torch.zeros(world, dtype=torch.long, device=image_features.device)
+    counts[dist.get_rank(group)] = n
+    dist.all_reduce(counts, group=group)
+    width = int(counts.max())
+    pad = lambda t: torch.cat([t, t.new_zeros(width - n, t.shape[1])]) if width > n else t
+    all_image = _AllGatherWithGrad.apply(pad(image_features), group)
+    all_context = _AllGatherWithGrad.apply(pad(context_features), group)
+    column_valid = (torch.arange(width, device=counts.device)[None, :] < counts[:, None]).reshape(-1)
+    return all_image, all_context, targets + dist.get_rank(group) * width, column_valid
+
+
+def contrastive_loss_sum(image_features, context_features, logit_scale, group=None, impl="torch"):
+    """Sum over this rank's pairs of the symmetric InfoNCE term (i->t + t->i) / 2.
+
+    Features are L2-normalised fp32 [n, D]; logit_scale is already exponentiated.
+    """
+    all_image, all_context, targets, column_valid = gather_features(image_features, context_features, group)
+    if impl == "fused":
+        from kernels import contrastive_loss
+
+        return contrastive_loss(image_features, context_features, all_image, all_context, logit_scale,
+                                targets, column_valid, reduction="sum")
+    logits_i2t = logit_scale * image_features @ all_context.t()
+    logits_t2i = logit_scale * context_features @ all_image.t()
+    if column_valid is not None:
+        logits_i2t = logits_i2t.masked_fill(~column_valid, float("-inf"))
+        logits_t2i = logits_t2i.masked_fill(~column_valid, float("-inf"))
+    return (F.cross_entropy(logits_i2t, targets, reduction="sum")
+            + F.cross_entropy(logits_t2i, targets, reduction="sum")) / 2
+
+
+def token_cross_entropy_sum(hidden, output_layer, targets, vocab_size: int, impl="torch"):
+    """Sum of next-token cross-entropy over rows of `hidden` [T, D] (after the head's norm).
+
+    `output_layer` is the column-parallel LM head; its rows beyond `vocab_size`
+    (TP padding) take no part in the softmax.
+    """
+    tp_group = parallel_state.get_tensor_model_parallel_group() if parallel_state.model_parallel_is_initialized() else None
+    tp = _group_size(tp_group)
+    weight = output_layer.weight
+    rows = weight.shape[0]
+    vocab_start = (dist.get_rank(tp_group) if tp > 1 else 0) * rows
+    real_rows = max(0, min(rows, vocab_size - vocab_start))
+    if impl == "fused":
+        import kernels
+
+        if tp == 1:
+            return kernels.fused_linear_cross_entropy(hidden, weight[:vocab_size], targets, reduction="sum")
+        hidden = copy_to_tensor_model_parallel_region(hidden)
+        return kernels.vocab_parallel_fused_linear_cross_entropy(
+            hidden, weight[:real_rows], targets, vocab_start, tp_group, reduction="sum")
+    if tp == 1:
+        logits = F.linear(hidden, weight[:vocab_size]).float()
+        return F.cross_entropy(logits, targets, reduction="sum")
+    logits = output_layer(hidden)[0].float()
+    if real_rows < rows:
+        logits = torch.cat([logits[:, :real_rows], logits.new_full((logits.shape[0], rows - real_rows), float("-inf"))], 1)
+    return vocab_parallel_cross_entropy(logits, targets).sum()
+
+
+def combine_losses(gen_sum, num_tokens, con_sum, num_pairs, *, generation_weight, contrastive_weight, group=None):
+    """Normalise the per-rank sums by global counts.
+
+    Returns a dict whose tensors, averaged over the data-parallel group (as
+    DeepSpeed averages gradients), equal the single-process losses.
+    """
+    world = _group_size(group)
+    counts = _all_reduce_sum(torch.stack([num_tokens, num_pairs]).float(), group)
+    total_tokens, total_pairs = counts[0].clamp(min=1), counts[1]
+    generation = gen_sum * (world / total_tokens)
+    # Without any image pair in the global batch the term is an exact zero that keeps the graph whole.
+    contrastive = con_sum * (world / total_pairs) if total_pairs > 0 else con_sum * 0.0
+    loss = generation_weight * generation + contrastive_weight * contrastive
+    return {"loss": loss, "generation_loss": generation.detach(), "contrastive_loss": contrastive.detach(),
+            "num_tokens": total_tokens, "num_pairs": total_pairs}

@@ -1,0 +1,108 @@
+"""megatron-core transformer layers for the ViT and the language model.
+
+Both towers are plain stacks of megatron-core `TransformerLayer`s built from a
+module spec; swapping an implementation (attention kernel, norm, MLP) means
+changing the spec here, never the model code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from lcl_megatron.model.core_attention import CoreAttention
+from lcl_megatron.model.norms import Norm
+
+
+def transformer_config(*, width: int, heads: int, layers: int, ffn_hidden_size: int, arch: str,
+                       tp: int = 1, sp: bool = False, dtype: torch.dtype = torch.float32,
+                       num_query_groups: int | None = None, init_std: float = 0.02) -> TransformerConfig:
+    """A TransformerConfig for CPU or GPU with the fusions that need CUDA extensions turned off."""
+    llama = arch == "llama"
+    return TransformerConfig(
+        num_layers=layers,
+        hidden_size=width,
+        num_attention_heads=heads,
+        num_query_groups=num_query_groups or heads,
+        ffn_hidden_size=ffn_hidden_size,
+        kv_channels=width // heads,
+        layernorm_epsilon=1e-5,
+        normalization="RMSNorm" if llama else "LayerNorm",
+        activation_func=F.silu if llama else F.gelu,
+        gated_linear_unit=llama,
+        add_bias_linear=not llama,
+        add_qkv_bias=not llama,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sp,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        init_method_std=init_std,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def transformer_layer_spec(causal: bool) -> ModuleSpec:
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=Norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=CoreAttention,
+                    linear_proj=RowParallelLinear,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=Norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                              linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def build_layers(config: TransformerConfig, spec: ModuleSpec) -> torch.nn.ModuleList:
+    return torch.nn.ModuleList(build_module(spec, config=config, layer_number=i + 1)
+                               for i in range(config.num_layers))
+
+
+def run_layers(layers, hidden, *, checkpoint: bool = False, **kwargs):
+    """Run [s, b, h] hidden states through `layers`, optionally recomputing each in backward."""
+    for layer in layers:
+        if checkpoint and torch.is_grad_enabled():
+            hidden = torch.utils.checkpoint.checkpoint(
+                lambda h, layer=layer: layer(h, attention_mask=None, **kwargs)[0], hidden, use_reentrant=False)
+        else:
+            hidden = layer(hidden, attention_mask=None, **kwargs)[0]
+    return hidden
+
+
+def default_ffn_hidden_size(width: int, mlp_ratio: float) -> int:
+    return int(width * mlp_ratio)
+
+
+def llama_ffn_hidden_size(width: int, multiple_of: int = 256) -> int:
+    """Llama's SwiGLU width: 2/3 of 4w, rounded up to a multiple."""
+    hidden = int(2 * 4 * width / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)

@@ -1,0 +1,137 @@
+"""The LCL model: ViT -> attentive pool-project -> image tokens spliced into a causal LM.
+
+`forward` returns the losses (the LM head and the contrastive gather run
+inside it, so that ZeRO-3 can gather their parameters like any other module).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from torch import nn
+
+from lcl_megatron import tokens
+from lcl_megatron.config import Config, ModelConfig
+from lcl_megatron.loss import combine_losses, contrastive_loss_sum, token_cross_entropy_sum
+from lcl_megatron.model.language_model import LanguageModel
+from lcl_megatron.model.layers import (default_ffn_hidden_size, llama_ffn_hidden_size, transformer_config)
+from lcl_megatron.model.pool_project import AttentivePoolProject
+from lcl_megatron.model.vision import VisionTransformer
+
+
+def context_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """<start_of_img> positions that have context before them (not at position 0 of a row)."""
+    soi = (input_ids == tokens.SOI_ID) & attention_mask
+    soi[:, 0] = False
+    return soi
+
+
+def generation_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Positions whose next token is predicted, and those next tokens.
+
+    Image placeholders and <end_of_img> are never predicted; padding is
+    recognised by the mask, never by id 0 (a real BPE token).
+    """
+    nxt = input_ids[:, 1:]
+    mask = attention_mask[:, 1:] & (nxt != tokens.IMG_ID) & (nxt != tokens.EOI_ID)
+    return mask, nxt[mask]
+
+
+class LCLModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, tp: int = 1, sp: bool = False, dtype=torch.float32,
+                 checkpoint_vit: bool = False, checkpoint_lm: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        v, t = cfg.vision, cfg.text
+        vit_config = transformer_config(width=v.width, heads=v.heads, layers=v.layers, arch="clip",
+                                        ffn_hidden_size=default_ffn_hidden_size(v.width, v.mlp_ratio),
+                                        tp=tp, sp=sp, dtype=dtype)
+        lm_ffn = (t.ffn_hidden_size or llama_ffn_hidden_size(t.width)) if t.arch == "llama" \
+            else default_ffn_hidden_size(t.width, t.mlp_ratio)
+        lm_config = transformer_config(width=t.width, heads=t.heads, layers=t.layers, arch=t.arch,
+                                       ffn_hidden_size=lm_ffn, tp=tp, sp=sp, dtype=dtype,
+                                       num_query_groups=t.num_query_groups or t.heads)
+        self.visual = VisionTransformer(v, vit_config, checkpoint_layers=checkpoint_vit)
+        self.pool_project = AttentivePoolProject(v.width, cfg.embed_dim, cfg.pool_heads)
+        self.text = LanguageModel(t, lm_config, checkpoint_layers=checkpoint_lm)
+        # Shape [1], not the reference's []: DeepSpeed cannot broadcast 0-dim parameters.
+        self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
+        self.max_logit_scale = cfg.max_logit_scale
+        self.loss_weights = {"generation_weight": 1.0, "contrastive_weight": 0.1}
+        self.loss_impl = "torch"
+        self.to(dtype)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "LCLModel":
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        model = cls(cfg.model, tp=cfg.parallel.tp, sp=cfg.parallel.sp, dtype=dtype,
+                    checkpoint_vit=cfg.parallel.activation_checkpointing_vit,
+                    checkpoint_lm=cfg.parallel.activation_checkpointing_lm)
+        model.loss_weights = {"generation_weight": cfg.loss.generation_weight,
+                              "contrastive_weight": cfg.loss.contrastive_weight}
+        model.loss_impl = cfg.loss.impl
+        return model
+
+    def scale(self) -> torch.Tensor:
+        # The recipe caps the temperature at 100; the cap is applied where the scale is used.
+        return self.logit_scale.float().clamp(max=self.max_logit_scale).exp().squeeze(0)
+
+    def encode_images(self, images: torch.Tensor):
+        """images [N, 3, H, W] -> (latents [N, D], image tokens [N, P, D])."""
+        return self.pool_project(self.visual(images))
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.encode_images(images)[0].float(), dim=-1)
+
+    def text_features(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Zero-shot text features: the context feature at the one <start_of_img> of each row.
+
+        Rows are in the zero-shot layout (see `zeroshot_text_ids`); right-padded rows
+        are fine because attention is causal.
+        """
+        embeddings = self.text.embed(input_ids, input_ids.new_zeros(0))
+        hidden = self.text(embeddings)
+        return self.text.context_features(hidden[input_ids == tokens.SOI_ID])
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        attention_mask = attention_mask.bool()
+        dp_group = parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None
+        # Every rank runs the ViT on every step, even with no image: skipping it would
+        # skip ZeRO-3 gathers and gradient buckets that other ranks enter (a hang).
+        no_images = images.shape[0] == 0
+        if no_images:
+            size = self.cfg.vision.image_size
+            images = images.new_zeros(1, 3, size, size)
+        latents, image_tokens = self.encode_images(images)
+        if no_images:
+            image_tokens = image_tokens[:0]
+        hidden = self.text(self.text.embed(input_ids, image_tokens))
+
+        ctx = context_positions(input_ids, attention_mask)
+        has_context = ctx[input_ids == tokens.SOI_ID]  # per image, in row-major order
+        image_feats = F.normalize(latents[:0] if no_images else latents[has_context].float(), dim=-1).float()
+        context_feats = self.text.context_features(hidden[ctx])
+        con_sum = contrastive_loss_sum(image_feats, context_feats, self.scale(), dp_group, self.loss_impl)
+        if no_images:
+            con_sum = con_sum + 0.0 * latents.sum()
+
+        gen_mask, targets = generation_targets(input_ids, attention_mask)
+        gen_hidden = self.text.head_norm(hidden[:, :-1][gen_mask])
+        gen_sum = token_cross_entropy_sum(gen_hidden, self.text.output_layer, targets,
+                                          self.text.vocab_size, self.loss_impl)
+        out = combine_losses(gen_sum, gen_mask.sum(), con_sum, torch.tensor(image_feats.shape[0]),
+                             group=dp_group, **self.loss_weights)
+        out["logit_scale"] = self.scale().detach()
+        return out
+
+
+def zeroshot_text_ids(token_rows: torch.Tensor, context_length: int) -> torch.Tensor:
+    """Reference zero-shot layout: <end_of_text> becomes <start_of_img>, rows cut to 77
+    tokens (or the model's context if shorter), ending in <start_of_img> if the cut removed it."""
+    ids = token_rows.clone()
+    ids[ids == tokens.EOT_ID] = tokens.SOI_ID
+    ids = ids[:, : min(tokens.ZEROSHOT_CONTEXT_LENGTH, context_length)]
+    missing = (ids == tokens.SOI_ID).sum(-1) == 0
+    ids[missing, -1] = tokens.SOI_ID
+    return ids

@@ -1,0 +1,25 @@
+"""LayerNorm / RMSNorm for megatron-core layer specs, usable with sequence parallelism.
+
+Under sequence parallelism each tensor-parallel rank normalises a different
+slice of the sequence, so the norm's gradients must be summed over the TP
+group: megatron finds such parameters by their `sequence_parallel` attribute.
+"""
+
+import torch
+
+
+def build_norm(config, hidden_size: int, eps: float = 1e-5):
+    if config.normalization == "RMSNorm":
+        norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+    else:
+        norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+    for p in norm.parameters():
+        p.sequence_parallel = bool(config.sequence_parallel)
+    return norm
+
+
+class Norm:
+    """Spec-compatible constructor: `Norm(config=..., hidden_size=..., eps=...)`."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        return build_norm(config, hidden_size, eps)

@@ -1,0 +1,97 @@
+"""Process groups: torch.distributed, megatron-core's parallel_state and DeepSpeed's view of them.
+
+Rank layout (Megatron's and DeepSpeed's alike): tensor-parallel ranks innermost,
+then data-parallel, then pipeline stages. Even one process initialises all of
+it, so the single-process path is the same code as the cluster path.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from lcl_megatron.config import ConfigError, ParallelConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_layout(parallel: ParallelConfig, world_size: int) -> int:
+    """Return the data-parallel size, or raise ConfigError naming the fix."""
+    model_parallel = parallel.tp * parallel.pp
+    if world_size % model_parallel:
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = "
+                          f"{parallel.tp} x {parallel.pp}; launch a multiple of {model_parallel} processes")
+    return world_size // model_parallel
+
+
+def init_distributed(parallel: ParallelConfig, timeout_s: float = 600.0) -> None:
+    """Initialise torch.distributed (gloo on CPU, nccl on GPU) and megatron-core's groups."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a plain `lcl train`: a world of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                   verbose=False)
+    check_layout(parallel, dist.get_world_size())
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tp,
+                                                 pipeline_model_parallel_size=parallel.pp)
+
+
+class MegatronMPU:
+    """megatron-core's groups under the `mpu` interface DeepSpeed expects.
+
+    DeepSpeed's "model parallel" is tensor parallelism (pipeline stages are its
+    own engine's business); data parallelism is megatron's data-parallel group.
+    """
+
+    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+    get_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(parallel_state.get_pipeline_model_parallel_world_size)
+
+
+def verify_groups_match(engine) -> None:
+    """DeepSpeed must reduce gradients over exactly megatron's data-parallel ranks."""
+    ours = dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
+    theirs_group = getattr(engine, "data_parallel_group", None) or engine.seq_data_parallel_group
+    theirs = dist.get_process_group_ranks(theirs_group)
+    if sorted(ours) != sorted(theirs):
+        raise RuntimeError(f"DeepSpeed's data-parallel ranks {theirs} differ from megatron-core's {ours}")
+
+
+def destroy() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0

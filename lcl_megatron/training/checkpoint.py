@@ -1,0 +1,182 @@
+"""Checkpoints: DeepSpeed's sharded engine state plus a consolidated `model.safetensors`.
+
+A checkpoint is the directory `<run>/checkpoints/step_XXXXXXXX/`. It counts as
+complete only once every rank has written its shards and rank 0 has written
+`COMPLETE` (a manifest with each file's size and SHA-256); `latest` is then
+replaced atomically. A crash mid-save therefore leaves the previous checkpoint
+as the newest complete one. Loading never unpickles code: DeepSpeed's files are
+read with `weights_only=True` and an allow-list of the plain data classes they
+contain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from safetensors.torch import load_file, save_file
+
+from lcl_megatron.utils import atomic_write_text
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _safe_globals():
+    """Plain data classes DeepSpeed puts in its checkpoints (no code runs on load)."""
+    import argparse
+    import collections
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [argparse.Namespace, collections.OrderedDict, LossScaler, DynamicLossScaler, ZeroStageEnum,
+            fragment_address]
+
+
+def safe_torch_load(path, map_location="cpu"):
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class SafeCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch engine with atomic saves and weights-only loads."""
+
+    def save(self, state_dict, path: str):
+        tmp = f"{path}.tmp"
+        torch.save(state_dict, tmp)
+        os.replace(tmp, path)
+
+    def load(self, path: str, map_location=None):
+        return safe_torch_load(path, map_location=map_location)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt_dir: Path, meta: dict) -> None:
+    files = {}
+    for path in sorted(ckpt_dir.rglob("*")):
+        if path.is_file() and path.name != COMPLETE and not path.name.endswith(".tmp"):
+            files[str(path.relative_to(ckpt_dir))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    atomic_write_text(ckpt_dir / COMPLETE, json.dumps({**meta, "files": files}, indent=1))
+
+
+def read_manifest(ckpt_dir: Path) -> dict:
+    return json.loads((Path(ckpt_dir) / COMPLETE).read_text())
+
+
+def is_complete(ckpt_dir: Path) -> bool:
+    return (Path(ckpt_dir) / COMPLETE).is_file()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint directories under `root`, oldest first."""
+    if not Path(root).is_dir():
+        return []
+    found = [p for p in Path(root).iterdir() if _STEP_DIR.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint given as itself, as a run directory or as its checkpoints/ directory."""
+    path = Path(path)
+    if (path / MODEL_FILE).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        newest = newest_checkpoint(root)
+        if newest is not None:
+            return newest
+    raise FileNotFoundError(f"no complete checkpoint found at '{path}'")
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the `keep` newest complete checkpoints, and incomplete ones older than them."""
+    complete = complete_checkpoints(root)
+    if not complete:
+        return
+    for path in complete[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    newest = complete[-1].name
+    for path in Path(root).iterdir():
+        if _STEP_DIR.match(path.name) and not is_complete(path) and path.name < newest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save_model_file(state_dict: dict, path: Path) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_model_file(path: Path) -> dict:
+    return load_file(str(path))
+
+
+def save_checkpoint(engine, root: Path, step: int, *, config_text: str, loader_state: dict,
+                    dp_rank: int, keep: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory."""
+    tag = tag_for(step)
+    ckpt_dir = Path(root) / tag
+    rank = dist.get_rank()
+    if rank == 0 and ckpt_dir.exists():  # a leftover of an interrupted save of this step
+        shutil.rmtree(ckpt_dir)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    atomic_write_text(ckpt_dir / f"loader_dp{dp_rank:05d}.json", json.dumps(loader_state))
+    full_state = consolidated_state_dict(engine)
+    if rank == 0:
+        save_model_file(full_state, ckpt_dir / MODEL_FILE)
+        atomic_write_text(ckpt_dir / CONFIG_FILE, config_text)
+    dist.barrier()
+    if rank == 0:
+        write_manifest(ckpt_dir, {"step": step, "world_size": dist.get_world_size()})
+        atomic_write_text(Path(root) / LATEST, tag)
+        prune(Path(root), keep)
+    dist.barrier()
+    return ckpt_dir
+
+
+def consolidated_state_dict(engine) -> dict:
+    """The full model's tensors on rank 0 (ZeRO-3 partitions gathered)."""
+    from lcl_megatron.convert.native import model_tensors
+
+    if engine.zero_optimization_partition_weights():
+        return model_tensors(engine._zero3_consolidated_16bit_state_dict() or {})
+    return model_tensors(engine.module.state_dict())
+
+
+def load_checkpoint(engine, ckpt_dir: Path, dp_rank: int) -> tuple[int, dict]:
+    """Restore engine state; returns (step, this DP rank's loader state)."""
+    ckpt_dir = Path(ckpt_dir)
+    engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+    step = int(read_manifest(ckpt_dir)["step"])
+    loader_file = ckpt_dir / f"loader_dp{dp_rank:05d}.json"
+    loader_state = json.loads(loader_file.read_text()) if loader_file.exists() else {}
+    return step, loader_state
