@@ -1,8 +1,9 @@
 """Linear layer + softmax cross-entropy in one pass over chunks of rows.
 
 For each chunk of C rows: z = hidden_c @ weight^T (the only logits that ever
-exist), per-row statistics (`cross_entropy_rows`), the loss, and, when
-gradients are wanted, dloss/dz written over z, then dhidden_c = dz @ weight and
+exist, in one buffer reused by every chunk), per-row statistics
+(`cross_entropy_rows`), the loss, and, when gradients are wanted, dloss/dz
+(over z on the Triton path), then dhidden_c = dz @ weight and
 dweight += dz^T @ hidden_c accumulated in fp32. Like Liger-Kernel, gradients are
 produced during the forward pass and the backward only scales them by the
 incoming gradient: one product fewer than recomputing the logits, and the
@@ -26,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kernels.cross_entropy_rows import row_grad_, row_stats
+from kernels.cross_entropy_rows import row_softmax
 
 # Bytes of one chunk of logits by default: large chunks keep the fp32 weight-gradient
 # update (a read and write of [V, D] per chunk) rare on GPU; small ones keep CPU memory low.
@@ -42,11 +43,12 @@ def default_chunk_rows(n_rows: int, n_cols: int, element_size: int, device: torc
     return max(1, min(n_rows, rows))
 
 
-def _project(hidden_c, weight):
+def _project_into(out, hidden_c, weight):
     """Logits chunk in the inputs' dtype, as a GPU matmul would round it."""
     if hidden_c.is_cuda or hidden_c.dtype == torch.float32:
-        return hidden_c @ weight.t()
-    return (hidden_c.float() @ weight.float().t()).to(hidden_c.dtype)
+        torch.mm(hidden_c, weight.t(), out=out)
+    else:
+        out.copy_(hidden_c.float() @ weight.float().t())
 
 
 def _grad_hidden_into(out, dz, weight):
@@ -104,22 +106,25 @@ def chunked_linear_cross_entropy(hidden, weight, targets, row_weight, *, impl: s
     grad_hidden = torch.empty(n_rows, width, dtype=torch.float32, device=device) if need_grad_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_grad_weight else None
     grad_scale = torch.zeros((), dtype=torch.float32, device=device) if need_grad_scale else None
+    softmax = row_softmax(impl, scale, col_valid, need_grad_scale)
+    logits = torch.empty(min(rows, n_rows), weight.shape[0], dtype=hidden.dtype, device=device)
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)
         hidden_c, targets_c, weight_c = hidden[start:stop], targets[start:stop], row_weight[start:stop]
-        z = _project(hidden_c, weight)
-        row_max, sumexp, target_logit = row_stats(z, targets_c, scale, col_valid, impl=impl)
+        z = logits[: stop - start]
+        _project_into(z, hidden_c, weight)
+        row_max, sumexp, target_logit = softmax.stats(z, targets_c)
         if group is not None:
             row_max, sumexp, target_logit = _merge_over_ranks(row_max, sumexp, target_logit, group)
         lse = row_max + torch.log(sumexp)
         loss += torch.where(weight_c != 0, weight_c * (lse - target_logit), 0.0).sum()
         if not need_dz:
             continue
-        row_scale_grad = row_grad_(z, targets_c, lse, weight_c, scale, col_valid, need_grad_scale, impl=impl)
+        dz, row_scale_grad = softmax.grad(z, targets_c, lse, weight_c)
         if need_grad_scale:
             grad_scale += row_scale_grad.sum()
         if need_grad_hidden:
-            _grad_hidden_into(grad_hidden[start:stop], z, weight)
+            _grad_hidden_into(grad_hidden[start:stop], dz, weight)
         if need_grad_weight:
-            _accumulate_grad_weight_(grad_weight, z, hidden_c)
+            _accumulate_grad_weight_(grad_weight, dz, hidden_c)
     return loss, grad_hidden, grad_weight, grad_scale

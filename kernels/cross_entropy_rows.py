@@ -1,17 +1,17 @@
 """Softmax cross-entropy over the rows of one chunk of logits, in two passes.
 
-`row_stats` reads a chunk z [C, V] once and returns per row, for the scaled
+The statistics pass reads a chunk z [C, V] and returns per row, for the scaled
 logits l = scale * z over the valid columns, the running maximum, the sum of
 exp(l - max) and the target's logit: an online log-sum-exp over column tiles.
 Keeping (max, sumexp) apart lets vocabulary-parallel ranks merge them exactly.
-`row_grad_` then overwrites z in place with dloss/dz = scale * coef * (softmax - onehot),
-so no second buffer of logits ever exists; it can also return each row's
-sum of coef * (softmax - onehot) * z, the row's share of dloss/dscale.
+The gradient pass then produces dloss/dz = scale * coef * (softmax - onehot)
+(the Triton kernel in place, so no second buffer of logits ever exists) and,
+if asked, each row's sum of coef * (softmax - onehot) * z, its share of dloss/dscale.
 
 Targets outside [0, V) select no column (ignored rows, or targets owned by
 another vocabulary shard); their target logit is 0. Each pass has a Triton
 kernel (one program per row, columns in tiles, fp32 math whatever z's dtype)
-and a plain-torch twin; the tests hold the kernels to the twins and both to a
+and a torch twin (`TorchRowSoftmax`, the CPU path); the tests hold both to a
 float64 reference.
 """
 
@@ -100,82 +100,111 @@ def _mask_arg(col_valid, dummy):
     return (col_valid.view(torch.uint8), True) if col_valid is not None else (dummy, False)
 
 
-def _row_stats_triton(z, targets, scale, col_valid):
-    rows, n_cols = z.shape
-    out = torch.empty(3, rows, dtype=torch.float32, device=z.device)
-    valid, has_mask = _mask_arg(col_valid, z)
-    block, warps = _launch_config(n_cols)
-    _row_stats_kernel[(rows,)](
-        z, z.stride(0), targets, scale if scale is not None else z, valid,
-        out[0], out[1], out[2], n_cols,
-        HAS_SCALE=scale is not None, HAS_MASK=has_mask, BLOCK_V=block, num_warps=warps)
-    return out[0], out[1], out[2]
-
-
-def _row_grad_triton_(z, targets, lse, coef, scale, col_valid, want_scale_grad):
-    rows, n_cols = z.shape
-    scale_grad = torch.empty(rows, dtype=torch.float32, device=z.device) if want_scale_grad else None
-    valid, has_mask = _mask_arg(col_valid, z)
-    block, warps = _launch_config(n_cols)
-    _row_grad_kernel[(rows,)](
-        z, z.stride(0), targets, lse, coef, scale if scale is not None else z, valid,
-        scale_grad if want_scale_grad else lse, n_cols,
-        HAS_SCALE=scale is not None, HAS_MASK=has_mask, WANT_SCALE_GRAD=want_scale_grad,
-        BLOCK_V=block, num_warps=warps)
-    return scale_grad
-
-
 def _owned_targets(targets, n_cols):
     owned = (targets >= 0) & (targets < n_cols)
     return owned, torch.where(owned, targets, 0)
 
 
-def _row_stats_torch(z, targets, scale, col_valid):
-    rows, n_cols = z.shape
-    if n_cols == 0:
-        zeros = z.new_zeros(rows, dtype=torch.float32)
-        return torch.full_like(zeros, NEG_BIG), zeros, zeros
-    logits = z.float()
-    if scale is not None:
-        logits = logits * scale
-    if col_valid is not None:
-        logits = logits.masked_fill(~col_valid, float("-inf"))
-    row_max = logits.amax(1).clamp(min=NEG_BIG)
-    sumexp = (logits - row_max[:, None]).exp_().sum(1)
-    owned, index = _owned_targets(targets, n_cols)
-    target_logit = torch.where(owned, logits.gather(1, index[:, None]).squeeze(1), 0.0)
-    return row_max, sumexp, target_logit
+class TritonRowSoftmax:
+    """The two passes as Triton kernels; the gradient overwrites z."""
+
+    def __init__(self, scale=None, col_valid=None, want_scale_grad=False):
+        self.scale, self.col_valid, self.want_scale_grad = scale, col_valid, want_scale_grad
+
+    def _common(self, z):
+        valid, has_mask = _mask_arg(self.col_valid, z)
+        block, warps = _launch_config(z.shape[1])
+        scale = self.scale if self.scale is not None else z
+        return scale, valid, dict(HAS_SCALE=self.scale is not None, HAS_MASK=has_mask, BLOCK_V=block, num_warps=warps)
+
+    def stats(self, z, targets):
+        rows, n_cols = z.shape
+        out = torch.empty(3, rows, dtype=torch.float32, device=z.device)
+        scale, valid, meta = self._common(z)
+        _row_stats_kernel[(rows,)](z, z.stride(0), targets, scale, valid, out[0], out[1], out[2], n_cols, **meta)
+        return out[0], out[1], out[2]
+
+    def grad(self, z, targets, lse, coef):
+        rows, n_cols = z.shape
+        scale_grad = torch.empty(rows, dtype=torch.float32, device=z.device) if self.want_scale_grad else None
+        scale, valid, meta = self._common(z)
+        _row_grad_kernel[(rows,)](z, z.stride(0), targets, lse, coef, scale, valid,
+                                  scale_grad if self.want_scale_grad else lse, n_cols,
+                                  WANT_SCALE_GRAD=self.want_scale_grad, **meta)
+        return z, scale_grad
 
 
-def _row_grad_torch_(z, targets, lse, coef, scale, col_valid, want_scale_grad):
-    rows, n_cols = z.shape
-    in_place = z.dtype == torch.float32 and not want_scale_grad
-    grad = z if in_place else z.to(torch.float32, copy=True)
-    if scale is not None:
-        grad.mul_(scale)
-    grad.sub_(lse[:, None]).exp_()
-    if col_valid is not None:
-        grad.masked_fill_(~col_valid, 0.0)
-    owned, index = _owned_targets(targets, n_cols)
-    if n_cols:
-        grad.scatter_add_(1, index[:, None], -owned.float()[:, None])
-    grad.mul_(coef[:, None])
-    scale_grad = torch.einsum("ij,ij->i", grad, z.float()) if want_scale_grad else None
-    if scale is not None:
-        grad.mul_(scale)
-    if not in_place:
-        z.copy_(grad)
-    return scale_grad
+class TorchRowSoftmax:
+    """The two passes in torch, with as few sweeps over the chunk as torch allows.
+
+    `stats` leaves exp(l - local max) in a work buffer (kept across chunks);
+    `grad` turns it into the gradient with one per-row multiply and a scatter:
+    softmax = work * exp(local max - lse), so the global lse of vocabulary
+    parallelism costs nothing extra. The gradient lives in the work buffer.
+    """
+
+    def __init__(self, scale=None, col_valid=None, want_scale_grad=False):
+        self.scale, self.col_valid, self.want_scale_grad = scale, col_valid, want_scale_grad
+        self._buffer = None
+
+    def _work(self, shape, device):
+        rows, n_cols = shape
+        if self._buffer is None or self._buffer.shape[0] < rows or self._buffer.shape[1] != n_cols:
+            self._buffer = torch.empty(rows, n_cols, dtype=torch.float32, device=device)
+        return self._buffer[:rows]
+
+    def stats(self, z, targets):
+        rows, n_cols = z.shape
+        owned, index = _owned_targets(targets, n_cols)
+        z = z.float()
+        self._z_target = torch.where(owned, z.gather(1, index[:, None]).squeeze(1), 0.0) if n_cols else z.new_zeros(rows)
+        target_logit = self._z_target * self.scale if self.scale is not None else self._z_target
+        work = self._work(z.shape, z.device)
+        if n_cols == 0:
+            self._row_max = torch.full((rows,), NEG_BIG, device=z.device)
+            self._weighted = z.new_zeros(rows)
+            return self._row_max, z.new_zeros(rows), target_logit
+        if self.scale is None and self.col_valid is None:
+            row_max = z.amax(1)
+            torch.sub(z, row_max[:, None], out=work)
+        else:
+            if self.scale is not None:
+                torch.mul(z, self.scale, out=work)
+            else:
+                work.copy_(z)
+            if self.col_valid is not None:
+                work.masked_fill_(~self.col_valid, float("-inf"))
+            row_max = work.amax(1).clamp(min=NEG_BIG)
+            work.sub_(row_max[:, None])
+        work.exp_()
+        self._row_max = row_max
+        if self.want_scale_grad:
+            self._weighted = torch.einsum("ij,ij->i", work, z)  # sum_j exp(l_j - max) z_j
+        return row_max, work.sum(1), target_logit
+
+    def grad(self, z, targets, lse, coef):
+        rows, n_cols = z.shape
+        work = self._work(z.shape, z.device)
+        owned, index = _owned_targets(targets, n_cols)
+        to_prob = torch.exp(self._row_max - lse)
+        scaled_coef = coef * self.scale if self.scale is not None else coef
+        work.mul_((scaled_coef * to_prob)[:, None])
+        if n_cols:
+            work.scatter_add_(1, index[:, None], -(scaled_coef * owned)[:, None])
+        scale_grad = None
+        if self.want_scale_grad:
+            scale_grad = coef * (to_prob * self._weighted - self._z_target * owned)
+        return work, scale_grad
 
 
-def row_stats(z, targets, scale=None, col_valid=None, *, impl: str):
-    """Per row of l = scale * z over valid columns: (max, sum exp(l - max), l[target] or 0), fp32 [C] each."""
-    fn = _row_stats_triton if impl == "triton" else _row_stats_torch
-    return fn(z, targets, scale, col_valid)
+def row_softmax(impl: str, scale=None, col_valid=None, want_scale_grad=False):
+    """Per-row softmax cross-entropy over chunks of raw logits z [C, V], l = scale * z.
 
-
-def row_grad_(z, targets, lse, coef, scale=None, col_valid=None, want_scale_grad=False, *, impl: str):
-    """Overwrite z with scale * coef * (softmax(l) - onehot(target)); return per-row
-    sum(coef * (softmax - onehot) * z) when `want_scale_grad`, else None."""
-    fn = _row_grad_triton_ if impl == "triton" else _row_grad_torch_
-    return fn(z, targets, lse, coef, scale, col_valid, want_scale_grad)
+    `stats(z, targets)` -> (max, sum exp(l - max), l[target] or 0) over this
+    chunk's valid columns, fp32 [C] each; `grad(z, targets, lse, coef)` ->
+    (dz, per-row scale gradient or None) for the chunk last passed to `stats`,
+    where dz = scale * coef * (exp(l - lse) - onehot) and the scale gradient is
+    sum_j coef * (exp(l_j - lse) - onehot_j) * z_j. dz may reuse z's memory.
+    """
+    cls = TritonRowSoftmax if impl == "triton" else TorchRowSoftmax
+    return cls(scale, col_valid, want_scale_grad)

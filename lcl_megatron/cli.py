@@ -6,6 +6,11 @@ subcommands stay independent and importing one never pays for the others.
 
 import importlib
 import sys
+import warnings
+
+# megatron-core warns at import that optional GPU extensions are absent; on CPU that is expected.
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+warnings.filterwarnings("ignore", message=".*(APEX|Apex|apex).*not (installed|found|available).*")
 
 COMMANDS = {
     ("train",): "lcl_megatron.training.train:main",

@@ -77,6 +77,7 @@ class DataConfig:
     path: list = field(default_factory=lambda: ["embedded:digits"])
     heldout: str = "embedded:digits"  # zero-shot split; "" disables zero-shot eval
     num_workers: int = 0
+    split: str = "shards"  # shards: each DP rank reads its own shards; samples: all read, each keeps its rows
     shuffle_buffer: int = 256
     img_first_prob: float = 0.5  # pairs: image before caption with this probability
     min_similarity: float = 0.24  # MMC4: drop images matched below this
@@ -179,6 +180,11 @@ def _coerce(value, typ, key: str):
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif typ is str:
         if isinstance(value, str):
             return value
@@ -350,6 +356,7 @@ def validate_config(cfg: Config) -> None:
     _require(cfg.logging.every >= 1, "logging.every", "must be >= 1")
     _require(0 <= cfg.data.img_first_prob <= 1, "data.img_first_prob", "must be in [0, 1]")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(cfg.data.split in ("shards", "samples"), "data.split", f"must be 'shards' or 'samples', got {cfg.data.split!r}")
     _require(len(cfg.data.path) > 0, "data.path", "must name at least one dataset")
     for i, entry in enumerate(cfg.data.path):
         _check_data_path(entry, f"data.path[{i}]" if len(cfg.data.path) > 1 else "data.path")

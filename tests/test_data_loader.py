@@ -196,3 +196,12 @@ def test_weighted_datasets_are_mixed_by_weight(tmp_path):
     alpha = get_tokenizer().encode("alpha")[0]
     share = float((rows[:, 1] == alpha).float().mean())
     assert 0.68 < share < 0.82  # 3:1 -> 0.75 of 200 samples
+
+
+def test_data_without_any_usable_sample_fails_clearly(tmp_path, monkeypatch):
+    import lcl_megatron.data.loader as loader_module
+
+    monkeypatch.setattr(loader_module, "MAX_SKIPPED_IN_A_ROW", 50)
+    write_shard(tmp_path / "bad.tar", [(f"k{i}", {"json": b"[]"}) for i in range(5)])
+    with pytest.raises(RuntimeError, match="in a row were unusable"):
+        take(loader(DataConfig(path=[str(tmp_path)])), 1)

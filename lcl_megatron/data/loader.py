@@ -44,6 +44,7 @@ from lcl_megatron.data.sequences import (encode_document, encode_pair, parse_mmc
 from lcl_megatron.data.shards import ShardError, read_shard
 
 PAIR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MAX_SKIPPED_IN_A_ROW = 10_000
 
 
 def derive_seed(*parts) -> int:
@@ -246,13 +247,19 @@ class BatchStream(torch.utils.data.IterableDataset):
             tokenizer = get_tokenizer()
         stats: Counter = Counter()
         rows = []
+        skipped_in_a_row = 0
         for dataset, (epoch, shard, sample) in self._mixed_samples(stream_id, stats):
             rng = random.Random(derive_seed(self.seed, "sample", dataset, epoch, shard, sample["__key__"]))
             try:
                 rows.append(sample_to_row(sample, rng, tokenizer, self.settings, stats))
                 stats["samples"] += 1
+                skipped_in_a_row = 0
             except _Skip as skip:
                 stats[str(skip)] += 1
+                skipped_in_a_row += 1
+                if skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:  # data that is all bad would loop forever
+                    raise RuntimeError(f"{skipped_in_a_row} samples in a row were unusable "
+                                       f"({dict(stats)}); check data.path") from None
                 continue
             if len(rows) == self.micro_batch_size:
                 batch = collate(rows, self.settings.context_length, self.settings.image_size)

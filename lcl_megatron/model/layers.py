@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from lcl_megatron.model.core_attention import CoreAttention
 from lcl_megatron.model.norms import Norm
+from lcl_megatron.model.sequence_parallel import SequenceParallelColumnLinear, SequenceParallelRowLinear
 
 
 def transformer_config(*, width: int, heads: int, layers: int, ffn_hidden_size: int, arch: str,
@@ -29,7 +30,7 @@ def transformer_config(*, width: int, heads: int, layers: int, ffn_hidden_size: 
                        num_query_groups: int | None = None, init_std: float = 0.02) -> TransformerConfig:
     """A TransformerConfig for CPU or GPU with the fusions that need CUDA extensions turned off."""
     llama = arch == "llama"
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=layers,
         hidden_size=width,
         num_attention_heads=heads,
@@ -45,7 +46,7 @@ def transformer_config(*, width: int, heads: int, layers: int, ffn_hidden_size: 
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
-        sequence_parallel=sp,
+        sequence_parallel=False,  # megatron's own SP path needs CUDA; see sequence_parallel.py
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=not torch.cuda.is_available(),
@@ -57,9 +58,13 @@ def transformer_config(*, width: int, heads: int, layers: int, ffn_hidden_size: 
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
     )
+    config.lcl_sequence_parallel = sp
+    return config
 
 
-def transformer_layer_spec(causal: bool) -> ModuleSpec:
+def transformer_layer_spec(causal: bool, sequence_parallel: bool = False) -> ModuleSpec:
+    column = SequenceParallelColumnLinear if sequence_parallel else ColumnParallelLinear
+    row = SequenceParallelRowLinear if sequence_parallel else RowParallelLinear
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -68,21 +73,21 @@ def transformer_layer_spec(causal: bool) -> ModuleSpec:
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=column,
                     core_attention=CoreAttention,
-                    linear_proj=RowParallelLinear,
+                    linear_proj=row,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=Norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                              linear_fc2=RowParallelLinear)),
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
             mlp_bda=get_bias_dropout_add,
         ),
     )
 
 
-def build_layers(config: TransformerConfig, spec: ModuleSpec) -> torch.nn.ModuleList:
+def build_layers(config: TransformerConfig, causal: bool) -> torch.nn.ModuleList:
+    spec = transformer_layer_spec(causal, config.lcl_sequence_parallel)
     return torch.nn.ModuleList(build_module(spec, config=config, layer_number=i + 1)
                                for i in range(config.num_layers))
 

@@ -13,10 +13,12 @@ from torch import nn
 
 from lcl_megatron import tokens
 from lcl_megatron.config import Config, ModelConfig
-from lcl_megatron.loss import combine_losses, contrastive_loss_sum, token_cross_entropy_sum
+from lcl_megatron.loss import combine_losses, contrastive_loss_sum
 from lcl_megatron.model.language_model import LanguageModel
 from lcl_megatron.model.layers import (default_ffn_hidden_size, llama_ffn_hidden_size, transformer_config)
 from lcl_megatron.model.pool_project import AttentivePoolProject
+from lcl_megatron.model.sequence_parallel import install_grad_hooks
+from lcl_megatron.model.sharding import mark_glu
 from lcl_megatron.model.vision import VisionTransformer
 
 
@@ -44,9 +46,11 @@ class LCLModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         v, t = cfg.vision, cfg.text
+        # The ViT's sequence (patches + class token) is sliced only when it divides evenly.
+        vit_sp = sp and (v.num_patches + 1) % tp == 0
         vit_config = transformer_config(width=v.width, heads=v.heads, layers=v.layers, arch="clip",
                                         ffn_hidden_size=default_ffn_hidden_size(v.width, v.mlp_ratio),
-                                        tp=tp, sp=sp, dtype=dtype)
+                                        tp=tp, sp=vit_sp, dtype=dtype)
         lm_ffn = (t.ffn_hidden_size or llama_ffn_hidden_size(t.width)) if t.arch == "llama" \
             else default_ffn_hidden_size(t.width, t.mlp_ratio)
         lm_config = transformer_config(width=t.width, heads=t.heads, layers=t.layers, arch=t.arch,
@@ -61,6 +65,8 @@ class LCLModel(nn.Module):
         self.loss_weights = {"generation_weight": 1.0, "contrastive_weight": 0.1}
         self.loss_impl = "torch"
         self.to(dtype)
+        mark_glu(self)
+        install_grad_hooks(self)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "LCLModel":
@@ -70,7 +76,7 @@ class LCLModel(nn.Module):
                     checkpoint_lm=cfg.parallel.activation_checkpointing_lm)
         model.loss_weights = {"generation_weight": cfg.loss.generation_weight,
                               "contrastive_weight": cfg.loss.contrastive_weight}
-        model.loss_impl = cfg.loss.impl
+        model.loss_impl = model.text.lm_head.impl = cfg.loss.impl
         return model
 
     def scale(self) -> torch.Tensor:
@@ -90,9 +96,9 @@ class LCLModel(nn.Module):
         Rows are in the zero-shot layout (see `zeroshot_text_ids`); right-padded rows
         are fine because attention is causal.
         """
-        embeddings = self.text.embed(input_ids, input_ids.new_zeros(0))
+        embeddings = self.text.embedding(input_ids, input_ids.new_zeros(0))
         hidden = self.text(embeddings)
-        return self.text.context_features(hidden[input_ids == tokens.SOI_ID])
+        return self.text.context_head(hidden[input_ids == tokens.SOI_ID])
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         attention_mask = attention_mask.bool()
@@ -106,20 +112,18 @@ class LCLModel(nn.Module):
         latents, image_tokens = self.encode_images(images)
         if no_images:
             image_tokens = image_tokens[:0]
-        hidden = self.text(self.text.embed(input_ids, image_tokens))
+        hidden = self.text(self.text.embedding(input_ids, image_tokens))
 
         ctx = context_positions(input_ids, attention_mask)
         has_context = ctx[input_ids == tokens.SOI_ID]  # per image, in row-major order
         image_feats = F.normalize(latents[:0] if no_images else latents[has_context].float(), dim=-1).float()
-        context_feats = self.text.context_features(hidden[ctx])
+        context_feats = self.text.context_head(hidden[ctx])
         con_sum = contrastive_loss_sum(image_feats, context_feats, self.scale(), dp_group, self.loss_impl)
         if no_images:
             con_sum = con_sum + 0.0 * latents.sum()
 
         gen_mask, targets = generation_targets(input_ids, attention_mask)
-        gen_hidden = self.text.head_norm(hidden[:, :-1][gen_mask])
-        gen_sum = token_cross_entropy_sum(gen_hidden, self.text.output_layer, targets,
-                                          self.text.vocab_size, self.loss_impl)
+        gen_sum = self.text.lm_head(hidden[:, :-1][gen_mask], targets)
         out = combine_losses(gen_sum, gen_mask.sum(), con_sum, torch.tensor(image_feats.shape[0]),
                              group=dp_group, **self.loss_weights)
         out["logit_scale"] = self.scale().detach()

@@ -8,18 +8,18 @@ group: megatron finds such parameters by their `sequence_parallel` attribute.
 import torch
 
 
-def build_norm(config, hidden_size: int, eps: float = 1e-5):
+def build_norm(config, hidden_size: int, eps: float = 1e-5, sequence_parallel: bool = False):
     if config.normalization == "RMSNorm":
         norm = torch.nn.RMSNorm(hidden_size, eps=eps)
     else:
         norm = torch.nn.LayerNorm(hidden_size, eps=eps)
     for p in norm.parameters():
-        p.sequence_parallel = bool(config.sequence_parallel)
+        p.sequence_parallel = sequence_parallel
     return norm
 
 
 class Norm:
-    """Spec-compatible constructor: `Norm(config=..., hidden_size=..., eps=...)`."""
+    """Spec-compatible constructor for norms inside the layers, where sequence parallelism applies."""
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
-        return build_norm(config, hidden_size, eps)
+        return build_norm(config, hidden_size, eps, sequence_parallel=getattr(config, "lcl_sequence_parallel", False))

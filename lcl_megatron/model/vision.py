@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from lcl_megatron.config import VisionConfig
-from lcl_megatron.model.layers import build_layers, run_layers, transformer_layer_spec
-from lcl_megatron.model.norms import build_norm
+from lcl_megatron.model.layers import build_layers, run_layers
+from lcl_megatron.model.sequence_parallel import gather_from_sequence, scatter_to_sequence
 
 
 class VisionTransformer(nn.Module):
@@ -23,7 +23,8 @@ class VisionTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.num_patches + 1, width))
         # ln_pre/ln_post act on whole sequences, outside the (possibly sequence-parallel) layers.
         self.ln_pre = nn.LayerNorm(width, eps=1e-5)
-        self.layers = build_layers(tconfig, transformer_layer_spec(causal=False))
+        self.sequence_parallel = tconfig.lcl_sequence_parallel
+        self.layers = build_layers(tconfig, causal=False)
         self.ln_post = nn.LayerNorm(width, eps=1e-5)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -32,6 +33,10 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         x = self.ln_pre(x).transpose(0, 1)  # megatron layers take [s, b, h]
+        if self.sequence_parallel:
+            x = scatter_to_sequence(x)
         x = run_layers(self.layers, x, checkpoint=self.checkpoint_layers)
+        if self.sequence_parallel:
+            x = gather_from_sequence(x)
         x = self.ln_post(x.transpose(0, 1))
         return x[:, 1:]

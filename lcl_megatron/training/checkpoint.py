@@ -166,10 +166,11 @@ def save_checkpoint(engine, root: Path, step: int, *, config_text: str, loader_s
 def consolidated_state_dict(engine) -> dict:
     """The full model's tensors on rank 0 (ZeRO-3 partitions gathered)."""
     from lcl_megatron.convert.native import model_tensors
+    from lcl_megatron.model.sharding import canonical_shapes, gather_canonical
 
     if engine.zero_optimization_partition_weights():
         return model_tensors(engine._zero3_consolidated_16bit_state_dict() or {})
-    return model_tensors(engine.module.state_dict())
+    return gather_canonical(engine.module, canonical_shapes(engine.module))
 
 
 def load_checkpoint(engine, ckpt_dir: Path, dp_rank: int) -> tuple[int, dict]:

@@ -51,8 +51,13 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"lcl train: {e}", file=sys.stderr)
         return 2
+    from lcl_megatron.convert.native import CheckpointMismatch
+
     try:
         train(cfg, resume=args.resume, init_from=init_from)
+    except CheckpointMismatch as e:
+        print(f"lcl train: {e}", file=sys.stderr)
+        return 2
     except TrainingError as e:
         print(f"lcl train: {e}", file=sys.stderr)
         return 1
@@ -87,9 +92,12 @@ def build_engine(cfg: Config, init_from: Path | None = None):
     torch.manual_seed(cfg.train.seed)  # identical on every rank: replicated weights agree, TP shards split one init
     model = LCLModel.from_config(cfg)
     if init_from is not None:
-        from lcl_megatron.convert.native import load_native_state_dict
+        from lcl_megatron.convert.native import check_tensors
+        from lcl_megatron.model.sharding import canonical_shapes, load_canonical
 
-        load_native_state_dict(model, load_model_file(init_from / MODEL_FILE))
+        tensors = load_model_file(init_from / MODEL_FILE)
+        check_tensors(canonical_shapes(model), tensors, what=f"--init-from checkpoint '{init_from}'")
+        load_canonical(model, tensors)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     engine, _, _, _ = deepspeed.initialize(
@@ -121,11 +129,24 @@ def _dp_mean(values: torch.Tensor, group) -> torch.Tensor:
     return values / dist.get_world_size(group)
 
 
+def build_loader(cfg: Config, dp_rank: int, dp_size: int):
+    from lcl_megatron.data.global_batch import GlobalBatchSlicer
+    from lcl_megatron.data.loader import build_train_loader
+
+    v = cfg.model.vision
+    by_samples = cfg.data.split == "samples"
+    loader = build_train_loader(cfg.data, image_size=v.image_size, num_image_tokens=v.num_patches,
+                                context_length=cfg.model.text.context_length,
+                                micro_batch_size=cfg.train.micro_batch_size * (dp_size if by_samples else 1),
+                                dp_rank=0 if by_samples else dp_rank, dp_size=1 if by_samples else dp_size,
+                                seed=cfg.train.seed)
+    return GlobalBatchSlicer(loader, dp_rank, dp_size) if by_samples else loader
+
+
 def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -> dict:
     import yaml
     from megatron.core import parallel_state
 
-    from lcl_megatron.data.loader import build_train_loader
     from lcl_megatron.parallel import init_distributed, is_main_process
     from lcl_megatron.training import checkpoint as ckpt
     from lcl_megatron.training.metrics import MetricsLogger
@@ -142,11 +163,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
         atomic_write_text(run_dir / "config.yaml", config_text)
 
     engine = build_engine(cfg, init_from)
-    v = cfg.model.vision
-    loader = build_train_loader(cfg.data, image_size=v.image_size, num_image_tokens=v.num_patches,
-                                context_length=cfg.model.text.context_length,
-                                micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                                seed=cfg.train.seed)
+    loader = build_loader(cfg, dp_rank, dp_size)
     step = 0
     if resume:
         newest = ckpt.newest_checkpoint(ckpt_root)

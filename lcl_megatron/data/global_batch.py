@@ -1,0 +1,46 @@
+"""`data.split: samples`: every data-parallel rank reads the same global batches and keeps its rows.
+
+The global batch is then the same whatever the layout, which is what
+layout-equivalence checks need (and what Megatron-LM's batch sampler gives).
+Each rank decodes the whole global batch, so at scale `data.split: shards`
+(each rank reads its own shards) is the default.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lcl_megatron import tokens
+
+
+def slice_batch(batch: dict, rank: int, size: int) -> dict:
+    """Rows [rank * B/size, (rank + 1) * B/size) of a batch, with their images."""
+    rows = batch["input_ids"].shape[0] // size
+    lo, hi = rank * rows, (rank + 1) * rows
+    images_per_row = (batch["input_ids"] == tokens.SOI_ID).sum(dim=1)
+    first = int(images_per_row[:lo].sum())
+    last = first + int(images_per_row[lo:hi].sum())
+    out = {key: value[lo:hi] for key, value in batch.items() if key != "images"}
+    out["images"] = batch["images"][first:last]
+    return out
+
+
+class GlobalBatchSlicer:
+    """Wraps a loader of global batches (built for one rank of one) into this rank's slices."""
+
+    def __init__(self, loader, rank: int, size: int):
+        self.loader, self.rank, self.size = loader, rank, size
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield slice_batch(batch, self.rank, self.size)
+
+    @property
+    def stats(self):
+        return self.loader.stats
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)

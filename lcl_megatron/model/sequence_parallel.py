@@ -1,0 +1,120 @@
+"""Sequence parallelism around megatron-core layers, on CPU and GPU alike.
+
+Between layers each tensor-parallel rank keeps only its slice of the sequence
+([s/tp, b, h]); a column-parallel linear all-gathers the sequence first and a
+row-parallel linear reduce-scatters its output back to slices (Megatron-LM's
+scheme). megatron-core's own sequence-parallel path allocates its buffers with
+`torch.cuda.current_device()`, so these layers take its place in the spec.
+Parameters that see only a slice of the sequence (norms inside the layers,
+row-parallel biases) get gradients summed over the TP group by a hook.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+
+def _group():
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    out = x.new_empty((x.shape[0] // world, *x.shape[1:]))
+    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def _own_slice(x: torch.Tensor, group) -> torch.Tensor:
+    return x.chunk(dist.get_world_size(group), dim=0)[dist.get_rank(group)].contiguous()
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _own_slice(x, _group())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, _group())
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, reduce_grad: bool):
+        ctx.reduce_grad = reduce_grad
+        return _all_gather(x, _group())
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Into a tensor-parallel computation the ranks' input gradients are partial sums;
+        # into a replicated one they are equal, so each rank keeps its own slice.
+        return (_reduce_scatter(grad, _group()) if ctx.reduce_grad else _own_slice(grad, _group())), None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _reduce_scatter(x, _group())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, _group())
+
+
+def scatter_to_sequence(x: torch.Tensor) -> torch.Tensor:
+    """Full [s, b, h] (identical on every TP rank) -> this rank's [s/tp, b, h]."""
+    return _ScatterToSequence.apply(x)
+
+
+def gather_from_sequence(x: torch.Tensor) -> torch.Tensor:
+    """This rank's [s/tp, b, h] -> full [s, b, h] feeding replicated computation."""
+    return _GatherFromSequence.apply(x, False)
+
+
+class SequenceParallelColumnLinear(ColumnParallelLinear):
+    def __init__(self, *args, **kwargs):
+        kwargs["disable_grad_reduce"] = True  # the gather's backward reduce-scatters instead
+        super().__init__(*args, **kwargs)
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        return super().forward(_GatherFromSequence.apply(input_, True), weight, runtime_gather_output)
+
+
+class SequenceParallelRowLinear(RowParallelLinear):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.bias is not None:
+            self.bias.sequence_parallel = True
+
+    def forward(self, input_):
+        output = _ReduceScatterToSequence.apply(F.linear(input_, self.weight))
+        if self.skip_bias_add:
+            return output, self.bias
+        return (output + self.bias if self.bias is not None else output), None
+
+
+def install_grad_hooks(model: torch.nn.Module) -> None:
+    """Sum, over the TP group, the gradients of parameters that saw one sequence slice."""
+    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return
+
+    def all_reduce(grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=_group())
+        return grad
+
+    for p in model.parameters():
+        if getattr(p, "sequence_parallel", False):
+            p.register_hook(all_reduce)

@@ -1,0 +1,73 @@
+"""Every parallel layout gives the losses and updates of one process on the same global batch.
+
+Runs are started as users start them (`torchrun ... lcl train`), in fp32 on CPU
+over gloo, with the layout in the config and the global batch fixed by
+`data.split=samples`.
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.launch import read_metrics, run_lcl
+
+GLOBAL_BATCH = 8
+STEPS = 3
+TINY = [
+    "model.embed_dim=32", "model.pool_heads=4",
+    "model.vision.image_size=24", "model.vision.patch_size=8", "model.vision.width=32",
+    "model.vision.layers=2", "model.vision.head_width=8",
+    "model.text.context_length=64", "model.text.width=32", "model.text.heads=4", "model.text.layers=2",
+    f"train.steps={STEPS}", "train.seed=7", "optim.lr=1e-3", "schedule.warmup_steps=1", "optim.grad_clip=1.0",
+    "data.split=samples", "data.heldout=", "logging.every=1", "logging.progress=false",
+    "logging.tensorboard=false", "checkpoint.every=0",
+]
+
+LAYOUTS = {
+    "dp2_zero1": (2, ["parallel.zero_stage=1"]),
+    "dp2_zero2": (2, ["parallel.zero_stage=2"]),
+    "dp2_zero3": (2, ["parallel.zero_stage=3"]),
+    "tp2": (2, ["parallel.tp=2"]),
+    "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
+    "tp2_dp2": (4, ["parallel.tp=2", "parallel.zero_stage=1"]),
+}
+
+
+def _train(tmp_path, name, nproc, layout):
+    run_dir = tmp_path / name
+    dp = nproc // (2 if any(x.startswith(("parallel.tp=2", "parallel.pp=2")) for x in layout) else 1)
+    args = ["train", "--config", "configs/demo.yaml", *TINY, *layout, f"run.dir={run_dir}",
+            f"train.micro_batch_size={GLOBAL_BATCH // dp}"]
+    run_lcl(args, nproc=nproc)
+    return read_metrics(run_dir), load_file(str(run_dir / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("single"), "single", 1, [])
+
+
+def _assert_same(single, other):
+    ref_metrics, ref_params = single
+    metrics, params = other
+    assert [m["step"] for m in metrics] == [m["step"] for m in ref_metrics] == list(range(1, STEPS + 1))
+    for ref, got in zip(ref_metrics, metrics):
+        for key in ("loss", "generation_loss", "contrastive_loss"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-4), (key, ref["step"])
+    assert params.keys() == ref_params.keys()
+    for name, ref in ref_params.items():
+        # atol covers tensors whose true gradient is zero (e.g. the key bias under softmax): fp noise only.
+        torch.testing.assert_close(params[name].float(), ref.float(), rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_layout_matches_single_process(tmp_path, single, layout):
+    nproc, overrides = LAYOUTS[layout]
+    _assert_same(single, _train(tmp_path, layout, nproc, overrides))
+
+
+def test_training_changes_parameters(single, tmp_path):
+    """The comparison above is meaningful: three steps move the weights away from their init."""
+    metrics, params = single
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
