@@ -1,8 +1,7 @@
 """Which implementation a kernel call runs.
 
 Triton on CUDA tensors, and under the Triton interpreter (TRITON_INTERPRET=1,
-which the CPU tests set before importing triton); the chunked torch path
-otherwise. Callers may force one with `impl="triton"` or `impl="torch"`.
+which the CPU tests set); the chunked torch path otherwise. Callers may force one with `impl="triton"` or `impl="torch"`.
 """
 
 from __future__ import annotations
@@ -14,14 +13,9 @@ import torch
 IMPLS = ("triton", "torch")
 
 
-# Read once, at import: triton.jit decides at decoration time whether a kernel is
-# interpreted, and this module is imported before any kernel is decorated.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def interpreting() -> bool:
-    """True when this process's Triton kernels run in the interpreter (on CPU tensors)."""
-    return _INTERPRETING
+    """True when Triton kernels run in the interpreter (on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def pick_impl(tensor: torch.Tensor, impl: str | None = None) -> str:

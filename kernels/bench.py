@@ -4,16 +4,18 @@ One row per (op, shape, dtype, implementation): median time of a forward plus
 backward, achieved TFLOP/s (the model's matrix products: 6·N·V·D for the LM
 loss, 12·n·M·D for the two contrastive directions, whatever an implementation
 recomputes), GB/s over the compulsory traffic (inputs read once, gradients
-written once: a normalised speed, not measured bandwidth), and peak memory
-above the inputs.
+written once: a normalised speed, not measured bandwidth), peak memory above
+the inputs, and that peak less the input gradients every implementation must
+return (the working memory of the loss itself).
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated over the run minus what
-was allocated before it. On CPU each (case, implementation) runs in its own
-subprocess with glibc told to mmap every allocation of 64 KiB or more
+was allocated before it. On CPU each (case, implementation) is measured in its
+own subprocess with glibc told to mmap every allocation of 64 KiB or more
 (MALLOC_MMAP_THRESHOLD_), so freed tensors go straight back to the OS and the
 resident set follows the live tensors; the peak is the kernel's high-water mark
 of resident memory (VmHWM, reset through /proc/self/clear_refs before the run)
-minus the resident memory just before it.
+minus the resident memory just before it. CPU times come from another fresh
+subprocess with the default allocator.
 
 CPU cases always run; GPU cases run when CUDA is available. `--quick` uses
 small shapes and prints only (unless --output is given); a full run also
@@ -159,8 +161,12 @@ def _proc_kib(field: str) -> int:
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
 
 
-def measure(case: Case, impl: str, repeats: int) -> dict:
-    """Time and peak memory of one implementation, in this process."""
+def _gradient_bytes(leaves) -> int:
+    return sum(leaf.grad.numel() * leaf.grad.element_size() for leaf in leaves if leaf.grad is not None)
+
+
+def measure_memory(case: Case, impl: str) -> dict:
+    """Peak memory of one forward + backward above the inputs, in this process."""
     leaves, extra = make_inputs(case)
     fn = implementations(case)[impl]
     _step(fn, leaves, extra)  # warm-up (kernel compilation, allocator, thread pools)
@@ -179,6 +185,14 @@ def measure(case: Case, impl: str, repeats: int) -> dict:
         before = _proc_kib("VmRSS")
         _step(fn, leaves, extra)
         peak = (_proc_kib("VmHWM") - before) * 1024
+    return {"peak_bytes": peak, "gradient_bytes": _gradient_bytes(leaves)}
+
+
+def measure_time(case: Case, impl: str, repeats: int) -> dict:
+    """Median seconds of a forward + backward, after a warm-up, in this process."""
+    leaves, extra = make_inputs(case)
+    fn = implementations(case)[impl]
+    _step(fn, leaves, extra)
     times = []
     for _ in range(repeats):
         _sync(case.device)
@@ -186,17 +200,29 @@ def measure(case: Case, impl: str, repeats: int) -> dict:
         _step(fn, leaves, extra)
         _sync(case.device)
         times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "peak_bytes": peak}
+    return {"seconds": statistics.median(times)}
 
 
-def _measure_in_subprocess(case: Case, impl: str, repeats: int) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD_="0")
+def _worker(what: str, case: Case, impl: str, repeats: int) -> dict:
+    """One measurement in a fresh interpreter: memory with glibc mmapping every
+    allocation of 64 KiB or more (so the resident set follows the live tensors),
+    time with the default allocator."""
+    env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m", "kernels.bench", "--worker", case.key, impl, str(repeats)],
+    if what == "memory":
+        env.update(MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD_="0")
+    proc = subprocess.run([sys.executable, "-m", "kernels.bench", "--worker", what, case.key, impl, str(repeats)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker for {case.key} / {impl} failed:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"benchmark worker ({what}) for {case.key} / {impl} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(case: Case, impl: str, repeats: int) -> dict:
+    """CPU rows in fresh subprocesses (a clean heap for each); CUDA rows in this process."""
+    if case.device == "cpu":
+        return {**_worker("memory", case, impl, repeats), **_worker("time", case, impl, repeats)}
+    return {**measure_memory(case, impl), **measure_time(case, impl, repeats)}
 
 
 def bf16_matmul_tflops() -> float:
@@ -215,13 +241,13 @@ def bf16_matmul_tflops() -> float:
 
 def run_all(quick: bool, repeats: int) -> tuple[list[dict], dict]:
     rows, notes = [], {}
-    cases = [(c, True) for c in cpu_cases(quick)]
+    cases = cpu_cases(quick)
     if torch.cuda.is_available():
-        cases += [(c, False) for c in gpu_cases(quick)]
+        cases += gpu_cases(quick)
         notes["bf16_matmul_tflops"] = bf16_matmul_tflops()
-    for case, isolated in cases:
+    for case in cases:
         for impl in implementations(case):
-            result = _measure_in_subprocess(case, impl, repeats) if isolated else measure(case, impl, repeats)
+            result = measure(case, impl, repeats)
             row = {"case": case, "impl": impl, **result}
             rows.append(row)
             print(f"  {case.name} {case.shape} {impl}: {result['seconds']:.3f} s, "
@@ -236,37 +262,48 @@ def _targets(rows: list[dict], notes: dict, quick: bool) -> list[str]:
     by = {(r["case"].name, r["case"].device, r["impl"]): r for r in rows}
     lines = []
 
-    def ratio_line(text, numerator, denominator, limit, smaller_is_better):
-        value = numerator / denominator
+    def check(text, value, limit, smaller_is_better):
         met = value <= limit if smaller_is_better else value >= limit
         lines.append(f"- {text}: {value:.2f} ({'met' if met else 'NOT met'}; target {'<=' if smaller_is_better else '>='} {limit})")
 
-    for device in ("cpu", "cuda"):
-        gen_eager, gen_fused = by.get(("generation", device, "eager torch")), by.get(("generation", device, "fused (ours)"))
-        con_eager, con_fused = by.get(("contrastive", device, "eager torch")), by.get(("contrastive", device, "fused (ours)"))
-        if device == "cpu" and gen_eager and gen_fused:
-            ratio_line("CPU generation loss, eager peak / fused peak", gen_eager["peak_bytes"], gen_fused["peak_bytes"], 8, False)
-            ratio_line("CPU generation loss, fused time / eager time", gen_fused["seconds"], gen_eager["seconds"], 1.2, True)
-        if device == "cpu" and con_eager and con_fused:
-            ratio_line("CPU contrastive loss, eager peak / fused peak", con_eager["peak_bytes"], con_fused["peak_bytes"], 16, False)
-        if device == "cuda" and gen_fused:
-            achieved = gen_fused["case"].flops / gen_fused["seconds"] / 1e12
-            ratio_line(f"GPU generation loss, fused TFLOP/s / measured bf16 matmul rate ({notes['bf16_matmul_tflops']:.0f} TFLOP/s)",
-                       achieved, notes["bf16_matmul_tflops"], 0.6, False)
-        if device == "cuda" and con_eager and con_fused:
-            ratio_line("GPU contrastive loss, fused time / eager time", con_fused["seconds"], con_eager["seconds"], 1.0, True)
-            ratio_line("GPU contrastive loss, eager peak / fused peak", con_eager["peak_bytes"], con_fused["peak_bytes"], 20, False)
+    def memory(name, device, limit):
+        eager, fused = by.get((name, device, "eager torch")), by.get((name, device, "fused (ours)"))
+        if eager and fused:
+            check(f"{device.upper()} {name} loss, eager peak / fused peak", eager["peak_bytes"] / fused["peak_bytes"], limit, False)
+            check(f"{device.upper()} {name} loss, the same without the input gradients",
+                  _working(eager) / max(_working(fused), 1), limit, False)
+
+    def speed(name, device, limit):
+        eager, fused = by.get((name, device, "eager torch")), by.get((name, device, "fused (ours)"))
+        if eager and fused:
+            check(f"{device.upper()} {name} loss, fused time / eager time", fused["seconds"] / eager["seconds"], limit, True)
+
+    memory("generation", "cpu", 8)
+    speed("generation", "cpu", 1.2)
+    memory("contrastive", "cpu", 16)
+    fused = by.get(("generation", "cuda", "fused (ours)"))
+    if fused:
+        achieved = fused["case"].flops / fused["seconds"] / 1e12
+        check(f"CUDA generation loss, fused TFLOP/s / measured bf16 matmul rate ({notes['bf16_matmul_tflops']:.0f} TFLOP/s)",
+              achieved / notes["bf16_matmul_tflops"], 0.6, False)
+    speed("contrastive", "cuda", 1.0)
+    memory("contrastive", "cuda", 20)
     return lines
 
 
+def _working(row) -> int:
+    return row["peak_bytes"] - row["gradient_bytes"]
+
+
 def format_table(rows: list[dict]) -> str:
-    header = "| op | shape | dtype | device | impl | time (s) | TFLOP/s | GB/s | peak memory (MiB) |"
+    header = ("| op | shape | dtype | device | impl | time (s) | TFLOP/s | GB/s | peak memory (MiB) "
+              "| peak less input grads (MiB) |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for r in rows:
         case, seconds = r["case"], r["seconds"]
         lines.append(f"| {case.name} | {case.shape} | {case.dtype} | {case.device} | {r['impl']} | {seconds:.3f} | "
                      f"{case.flops / seconds / 1e12:.3f} | {case.compulsory_bytes / seconds / 1e9:.2f} | "
-                     f"{r['peak_bytes'] / 2**20:.0f} |")
+                     f"{r['peak_bytes'] / 2**20:.0f} | {_working(r) / 2**20:.0f} |")
     return "\n".join(lines)
 
 
@@ -277,7 +314,7 @@ def machine() -> str:
             cpu = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M).group(1)
     except (OSError, AttributeError):
         pass
-    text = f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    text = f"{cpu}, {os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f} at the end), torch {torch.__version__}"
     if torch.cuda.is_available():
         text += f", {torch.cuda.get_device_name()}"
     return text
@@ -287,9 +324,11 @@ def render_section(table: str, target_lines: list[str], quick: bool) -> str:
     today = datetime.date.today().isoformat()
     parts = [SECTION, "",
              f"`lcl bench kernels`{' --quick' if quick else ''}, {today}, on {machine()}.",
-             "Forward + backward; time is the median over the timed runs. Peak memory is above the inputs "
-             "(CPU: resident-set high-water mark in a fresh process per row; CUDA: max_memory_allocated). "
-             "On CPU \"fused (ours)\" is the chunked torch path.", "", table, ""]
+             "Forward + backward; time is the median over the timed runs (CPU times on a shared machine are noisy). "
+             "Peak memory is above the inputs (CPU: resident-set high-water mark in a fresh process per row, "
+             "see kernels/bench.py; CUDA: max_memory_allocated); the last column subtracts the input gradients, "
+             "which every implementation returns and which set a floor on the peak. TFLOP/s counts the model's "
+             "matrix products only. On CPU \"fused (ours)\" is the chunked torch path.", "", table, ""]
     if target_lines:
         parts += ["Targets (issue 4):", "", *target_lines, ""]
     if not torch.cuda.is_available():
@@ -319,11 +358,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output", type=Path, default=None,
                         help="markdown file for the Kernels section (default BENCHMARKS.md for a full run)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
-    parser.add_argument("--worker", nargs=3, metavar=("CASE", "IMPL", "REPEATS"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, metavar=("WHAT", "CASE", "IMPL", "REPEATS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        key, impl, repeats = args.worker
-        print(json.dumps(measure(Case.from_key(key), impl, int(repeats))))
+        what, key, impl, repeats = args.worker
+        case = Case.from_key(key)
+        result = measure_memory(case, impl) if what == "memory" else measure_time(case, impl, int(repeats))
+        print(json.dumps(result))
         return 0
     repeats = args.repeats or (3 if args.quick else 2)
     if repeats < 1:

@@ -1,9 +1,9 @@
 """Linear layer + softmax cross-entropy in one pass over chunks of rows.
 
 For each chunk of C rows: z = hidden_c @ weight^T (the only logits that ever
-exist, in one buffer reused by every chunk), per-row statistics
-(`cross_entropy_rows`), the loss, and, when gradients are wanted, dloss/dz
-(over z on the Triton path), then dhidden_c = dz @ weight and
+exist, in one buffer reused by every chunk; the torch path adds a work buffer
+of the same size), per-row statistics (`cross_entropy_rows`), the loss, and,
+when gradients are wanted, dloss/dz (over z on the Triton path), then dhidden_c = dz @ weight and
 dweight += dz^T @ hidden_c accumulated in fp32. Like Liger-Kernel, gradients are
 produced during the forward pass and the backward only scales them by the
 incoming gradient: one product fewer than recomputing the logits, and the
@@ -31,7 +31,7 @@ from kernels.cross_entropy_rows import row_softmax
 
 # Bytes of one chunk of logits by default: large chunks keep the fp32 weight-gradient
 # update (a read and write of [V, D] per chunk) rare on GPU; small ones keep CPU memory low.
-CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
+CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
 
 
 def default_chunk_rows(n_rows: int, n_cols: int, element_size: int, device: torch.device,

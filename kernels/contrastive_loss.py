@@ -25,7 +25,7 @@ from kernels._dispatch import pick_impl
 from kernels.chunked_linear_ce import chunked_linear_cross_entropy
 
 # A chunk of rows x M fp32 scores on GPU: small, since the memory saving is the point here.
-CONTRASTIVE_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 32 << 20}
+CONTRASTIVE_CHUNK_BYTES = {"cuda": 64 << 20, "cpu": 32 << 20}
 REDUCTIONS = ("mean", "sum")
 
 

@@ -20,15 +20,26 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from kernels._dispatch import interpreting
 
 # Finite stand-in for -inf as a running maximum, so exp(m_old - m_new) never sees inf - inf
 # (the kernels spell the same number out: Triton kernels may not read Python globals).
 NEG_BIG = -1e30
+_JITTED = {}
 
 
-@triton.jit
+def _kernel(fn):
+    """`fn` as a Triton kernel, decorated on first use. triton.jit fixes at decoration
+    whether a kernel is compiled or interpreted (TRITON_INTERPRET), so decorating late
+    lets a test session set the variable after this module was first imported."""
+    if fn not in _JITTED:
+        _JITTED[fn] = triton.jit(fn)
+    return _JITTED[fn]
+
+
+# The Triton kernels (launched through `_kernel`): one program per row, columns in BLOCK_V tiles.
 def _row_stats_kernel(z_ptr, stride_z, target_ptr, scale_ptr, valid_ptr,
                       max_ptr, sumexp_ptr, target_logit_ptr, n_cols,
                       HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -58,7 +69,6 @@ def _row_stats_kernel(z_ptr, stride_z, target_ptr, scale_ptr, valid_ptr,
     tl.store(target_logit_ptr + row, tl.where(owned, target_z * scale, 0.0))
 
 
-@triton.jit
 def _row_grad_kernel(z_ptr, stride_z, target_ptr, lse_ptr, coef_ptr, scale_ptr, valid_ptr,
                      scale_grad_ptr, n_cols,
                      HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, WANT_SCALE_GRAD: tl.constexpr,
@@ -89,9 +99,10 @@ def _row_grad_kernel(z_ptr, stride_z, target_ptr, lse_ptr, coef_ptr, scale_ptr, 
 
 
 def _launch_config(n_cols: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps). Tiny tiles in the interpreter so tests cross tile edges."""
+    """(BLOCK_V, num_warps). In the interpreter, tiny tiles for the tests' tiny rows (so they
+    cross tile edges) and wide ones otherwise (each interpreted tile step costs Python time)."""
     if interpreting():
-        return 16, 1
+        return (16 if n_cols <= 64 else min(4096, triton.next_power_of_2(n_cols))), 1
     block = min(8192, max(128, triton.next_power_of_2(max(n_cols, 1))))
     return block, 16 if block >= 4096 else 8
 
@@ -112,6 +123,9 @@ class TritonRowSoftmax:
         self.scale, self.col_valid, self.want_scale_grad = scale, col_valid, want_scale_grad
 
     def _common(self, z):
+        if not z.is_cuda and not isinstance(_kernel(_row_stats_kernel), InterpretedFunction):
+            raise RuntimeError("Triton kernels were compiled for the GPU in this process; "
+                               "CPU tensors need TRITON_INTERPRET=1 before the first Triton call")
         valid, has_mask = _mask_arg(self.col_valid, z)
         block, warps = _launch_config(z.shape[1])
         scale = self.scale if self.scale is not None else z
@@ -121,14 +135,14 @@ class TritonRowSoftmax:
         rows, n_cols = z.shape
         out = torch.empty(3, rows, dtype=torch.float32, device=z.device)
         scale, valid, meta = self._common(z)
-        _row_stats_kernel[(rows,)](z, z.stride(0), targets, scale, valid, out[0], out[1], out[2], n_cols, **meta)
+        _kernel(_row_stats_kernel)[(rows,)](z, z.stride(0), targets, scale, valid, out[0], out[1], out[2], n_cols, **meta)
         return out[0], out[1], out[2]
 
     def grad(self, z, targets, lse, coef):
         rows, n_cols = z.shape
         scale_grad = torch.empty(rows, dtype=torch.float32, device=z.device) if self.want_scale_grad else None
         scale, valid, meta = self._common(z)
-        _row_grad_kernel[(rows,)](z, z.stride(0), targets, lse, coef, scale, valid,
+        _kernel(_row_grad_kernel)[(rows,)](z, z.stride(0), targets, lse, coef, scale, valid,
                                   scale_grad if self.want_scale_grad else lse, n_cols,
                                   WANT_SCALE_GRAD=self.want_scale_grad, **meta)
         return z, scale_grad

@@ -124,6 +124,9 @@ class ParallelConfig:
     zero_stage: int = 0
     activation_checkpointing_vit: bool = False
     activation_checkpointing_lm: bool = False
+    pp_first_stage_layers: int = -1  # LM layers on the first pipeline stage (it also holds the ViT); -1: even split
+    max_images: int = 0  # images per micro-batch the pipeline's static shapes allow; 0: micro_batch_size x data.max_images
+    timeout_s: float = 600.0  # collective timeout: a dead or hung rank ends the job after this long
 
 
 @dataclass
@@ -351,6 +354,17 @@ def validate_config(cfg: Config) -> None:
     _require(p.pp == 1 or p.zero_stage <= 1, "parallel.zero_stage",
              f"must be 0 or 1 with pipeline parallelism (DeepSpeed's pipeline engine refuses more), got {p.zero_stage}")
     _require(not p.sp or p.tp > 1, "parallel.sp", "needs parallel.tp > 1")
+    _require(not p.sp or cfg.model.text.context_length % p.tp == 0, "parallel.sp",
+             f"needs model.text.context_length ({cfg.model.text.context_length}) divisible by parallel.tp ({p.tp})")
+    _require(p.pp <= cfg.model.text.layers, "parallel.pp",
+             f"must not exceed model.text.layers ({cfg.model.text.layers}), got {p.pp}")
+    _require(p.pp_first_stage_layers < 0 or p.pp == 1 or p.pp_first_stage_layers <= cfg.model.text.layers,
+             "parallel.pp_first_stage_layers", f"must be at most model.text.layers ({cfg.model.text.layers})")
+    _require(p.max_images >= 0, "parallel.max_images", "must be >= 0")
+    _require(p.timeout_s > 0, "parallel.timeout_s", "must be positive")
+    for key, heads in (("model.vision", cfg.model.vision.heads), ("model.text", cfg.model.text.heads),
+                       ("model.text.num_query_groups", cfg.model.text.num_query_groups or cfg.model.text.heads)):
+        _require(heads % p.tp == 0, "parallel.tp", f"must divide the heads of {key} ({heads}), got {p.tp}")
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _require(cfg.logging.every >= 1, "logging.every", "must be >= 1")

@@ -8,7 +8,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels.contrastive_loss import contrastive_loss_reference  # noqa: E402
-from tests.test_kernels_support import assert_close_rel, max_error, poison, require_interpreted_triton  # noqa: E402,F401
+from tests.test_kernels_support import assert_close_rel, max_error, poison  # noqa: E402,F401
 
 # Three data-parallel "ranks" with 5, 3 and 4 pairs, padded to 5 columns each: M = 15
 # gathered columns of which 3 are zero padding; this rank is the second (rows 5..7).
@@ -47,8 +47,6 @@ NAMES = ("loss", "grad image", "grad text", "grad all image", "grad all text", "
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("masked", [True, False])
 def test_contrastive_fp32_matches_float64(poison, impl, reduction, masked):
-    if impl == "triton":
-        require_interpreted_triton()
     tensors, targets, column_valid = _inputs(seed=7, dtype=torch.float32)
     if not masked:  # no padding: every column is a real pair
         column_valid = None

@@ -1,6 +1,6 @@
 """Helpers shared by the kernels tests (no tests of its own).
 
-Every test_kernels_* module sets TRITON_INTERPRET=1 before importing triton,
+Every test_kernels_* module sets TRITON_INTERPRET=1 before importing kernels,
 so the Triton kernels run in the interpreter on CPU tensors.
 """
 
@@ -28,13 +28,6 @@ def poisoned_empty(*args, **kwargs):
 def poison(monkeypatch):
     """Uninitialised outputs hold NaN, so any element a kernel fails to write shows up."""
     monkeypatch.setattr(torch, "empty", poisoned_empty)
-
-
-def require_interpreted_triton():
-    from kernels._dispatch import interpreting
-
-    assert interpreting(), ("kernels was imported before TRITON_INTERPRET=1 was set, so its Triton kernels "
-                            "cannot run on CPU; set it before the first import of kernels (e.g. in tests/conftest.py)")
 
 
 def assert_close_rel(actual, expected, rel, what=""):

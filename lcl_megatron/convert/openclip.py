@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -175,9 +177,22 @@ def model_config_to_openclip(cfg: ModelConfig) -> dict:
     }
 
 
+def safe_load_tensors(path: Path):
+    """torch.load restricted to tensors and plain containers; anything else is refused, never run."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointMismatch(f"'{path}' is not a weights-only torch file (loading it could run code); "
+                                 "refused") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointMismatch(f"cannot read checkpoint '{path}': {str(e).splitlines()[0]}") from None
+
+
 def read_openclip_checkpoint(path: Path) -> dict:
     """A bare state dict or one under 'state_dict', with or without DDP's 'module.' prefix."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = safe_load_tensors(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -206,10 +221,7 @@ def from_openclip_main(argv=None) -> int:
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read model config '{args.model_config}': {e}") from None
         model_cfg = model_config_from_openclip(oc)
-        try:
-            sd = read_openclip_checkpoint(Path(args.checkpoint))
-        except (OSError, RuntimeError, EOFError) as e:
-            raise CheckpointMismatch(f"cannot read checkpoint '{args.checkpoint}': {str(e).splitlines()[0]}") from None
+        sd = read_openclip_checkpoint(Path(args.checkpoint))
         tensors = from_openclip_state_dict(sd, model_cfg)
         check_tensors(expected_tensor_shapes(model_cfg), tensors)
     except (ConfigError, CheckpointMismatch) as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -15,22 +16,35 @@ from lcl_megatron.training.checkpoint import (CONFIG_FILE, MODEL_FILE, load_mode
                                               save_model_file, write_manifest)
 
 
-def write_checkpoint(out: Path, cfg: Config, tensors: dict, meta: dict) -> Path:
-    """Write atomically: into a temporary sibling directory, then rename into place."""
+@contextlib.contextmanager
+def atomic_directory(out: Path):
+    """Yield a temporary sibling directory to fill; on success it replaces `out` in one rename.
+
+    A crash or an error leaves `out` as it was (an old `out` is only removed after the swap)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        save_model_file(tensors, tmp / MODEL_FILE)
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        write_manifest(tmp, {"step": 0, **meta})
+        yield tmp
+        old = None
         if out.exists():
-            shutil.rmtree(out)
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+            os.replace(out, old / out.name)
         os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def write_checkpoint(out: Path, cfg: Config, tensors: dict, meta: dict) -> Path:
+    """Write atomically: into a temporary sibling directory, then rename into place."""
+    with atomic_directory(out) as tmp:
+        save_model_file(tensors, tmp / MODEL_FILE)
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_manifest(tmp, {"step": 0, **meta})
+    return Path(out)
 
 
 def read_checkpoint(path: Path, check: bool = True) -> tuple[Config, dict]:

@@ -100,34 +100,48 @@ class LCLModel(nn.Module):
         hidden = self.text(embeddings)
         return self.text.context_head(hidden[input_ids == tokens.SOI_ID])
 
+    def encode_images_always(self, images: torch.Tensor):
+        return encode_images_always(self.visual, self.pool_project, images, self.cfg.vision.image_size)
+
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        attention_mask = attention_mask.bool()
-        dp_group = parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None
-        # Every rank runs the ViT on every step, even with no image: skipping it would
-        # skip ZeRO-3 gathers and gradient buckets that other ranks enter (a hang).
-        no_images = images.shape[0] == 0
-        if no_images:
-            size = self.cfg.vision.image_size
-            images = images.new_zeros(1, 3, size, size)
-        latents, image_tokens = self.encode_images(images)
-        if no_images:
-            image_tokens = image_tokens[:0]
+        latents, image_tokens = self.encode_images_always(images)
         hidden = self.text(self.text.embedding(input_ids, image_tokens))
+        return lcl_losses(latents, hidden, input_ids, attention_mask.bool(), context_head=self.text.context_head,
+                          lm_head=self.text.lm_head, scale=self.scale(), impl=self.loss_impl, **self.loss_weights)
 
-        ctx = context_positions(input_ids, attention_mask)
-        has_context = ctx[input_ids == tokens.SOI_ID]  # per image, in row-major order
-        image_feats = F.normalize(latents[:0] if no_images else latents[has_context].float(), dim=-1).float()
-        context_feats = self.text.context_head(hidden[ctx])
-        con_sum = contrastive_loss_sum(image_feats, context_feats, self.scale(), dp_group, self.loss_impl)
-        if no_images:
-            con_sum = con_sum + 0.0 * latents.sum()
 
-        gen_mask, targets = generation_targets(input_ids, attention_mask)
-        gen_sum = self.text.lm_head(hidden[:, :-1][gen_mask], targets)
-        out = combine_losses(gen_sum, gen_mask.sum(), con_sum, torch.tensor(image_feats.shape[0]),
-                             group=dp_group, **self.loss_weights)
-        out["logit_scale"] = self.scale().detach()
-        return out
+def encode_images_always(visual, pool_project, images: torch.Tensor, image_size: int):
+    """(latents [N, D], image tokens [N, P, D]); the ViT also runs when N == 0.
+
+    Skipping it would skip ZeRO-3 gathers and gradient buckets that other ranks
+    enter (a hang); with no image a blank one runs and empty slices of its
+    outputs carry exact zero gradients to every vision parameter.
+    """
+    if images.shape[0] > 0:
+        return pool_project(visual(images))
+    latents, image_tokens = pool_project(visual(images.new_zeros(1, 3, image_size, image_size)))
+    return latents[:0], image_tokens[:0]
+
+
+def lcl_losses(latents, hidden, input_ids, attention_mask, *, context_head, lm_head, scale, impl,
+               generation_weight, contrastive_weight):
+    """Both LCL losses from the image latents [N, D] and the LM outputs [B, L, D].
+
+    Shared by the plain model and the last pipeline stage.
+    """
+    dp_group = parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None
+    ctx = context_positions(input_ids, attention_mask)
+    has_context = ctx[input_ids == tokens.SOI_ID]  # per image, in row-major order
+    image_feats = F.normalize(latents[has_context].float(), dim=-1)
+    context_feats = context_head(hidden[ctx])
+    con_sum = contrastive_loss_sum(image_feats, context_feats, scale, dp_group, impl)
+
+    gen_mask, targets = generation_targets(input_ids, attention_mask)
+    gen_sum = lm_head(hidden[:, :-1][gen_mask], targets)
+    out = combine_losses(gen_sum, gen_mask.sum(), con_sum, torch.tensor(image_feats.shape[0]), group=dp_group,
+                         generation_weight=generation_weight, contrastive_weight=contrastive_weight)
+    out["logit_scale"] = scale.detach()
+    return out
 
 
 def zeroshot_text_ids(token_rows: torch.Tensor, context_length: int) -> torch.Tensor:

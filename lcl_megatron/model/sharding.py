@@ -87,11 +87,11 @@ def gather_canonical(model: torch.nn.Module, canonical_shapes: dict) -> dict:
     return out
 
 
-def canonical_shapes(model: torch.nn.Module) -> dict:
+def canonical_shapes(model: torch.nn.Module, vocab_size: int) -> dict:
     """Name -> single-process shape of every tensor, from this rank's shards (no communication)."""
     _, tp, _ = _tp()
     params = dict(model.named_parameters())
-    vocab = model.cfg.text.vocab_size
+    vocab = vocab_size
     shapes = {}
     for name, tensor in model_tensors(model.state_dict()).items():
         shape = list(tensor.shape)

@@ -140,7 +140,7 @@ def load_model_file(path: Path) -> dict:
 
 
 def save_checkpoint(engine, root: Path, step: int, *, config_text: str, loader_state: dict,
-                    dp_rank: int, keep: int) -> Path:
+                    dp_rank: int, keep: int, vocab_size: int) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory."""
     tag = tag_for(step)
     ckpt_dir = Path(root) / tag
@@ -150,9 +150,8 @@ def save_checkpoint(engine, root: Path, step: int, *, config_text: str, loader_s
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     atomic_write_text(ckpt_dir / f"loader_dp{dp_rank:05d}.json", json.dumps(loader_state))
-    full_state = consolidated_state_dict(engine)
+    write_consolidated(engine, ckpt_dir, vocab_size)
     if rank == 0:
-        save_model_file(full_state, ckpt_dir / MODEL_FILE)
         atomic_write_text(ckpt_dir / CONFIG_FILE, config_text)
     dist.barrier()
     if rank == 0:
@@ -163,14 +162,45 @@ def save_checkpoint(engine, root: Path, step: int, *, config_text: str, loader_s
     return ckpt_dir
 
 
-def consolidated_state_dict(engine) -> dict:
-    """The full model's tensors on rank 0 (ZeRO-3 partitions gathered)."""
-    from lcl_megatron.convert.native import model_tensors
+def write_consolidated(engine, ckpt_dir: Path, vocab_size: int) -> None:
+    """Collective: `model.safetensors` with every tensor under its single-process name and shape.
+
+    ZeRO-3 partitions are gathered by DeepSpeed, TP shards over the TP group;
+    pipeline stages each write a part that rank 0 merges.
+    """
+    from megatron.core import parallel_state
+
     from lcl_megatron.model.sharding import canonical_shapes, gather_canonical
 
+    rank = dist.get_rank()
     if engine.zero_optimization_partition_weights():
-        return model_tensors(engine._zero3_consolidated_16bit_state_dict() or {})
-    return gather_canonical(engine.module, canonical_shapes(engine.module))
+        from lcl_megatron.convert.native import model_tensors
+
+        tensors = model_tensors(engine._zero3_consolidated_16bit_state_dict() or {})
+        if rank == 0:
+            save_model_file(tensors, ckpt_dir / MODEL_FILE)
+        return
+    tensors = gather_canonical(engine.module, canonical_shapes(engine.module, vocab_size))
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp == 1:
+        if rank == 0:
+            save_model_file(tensors, ckpt_dir / MODEL_FILE)
+        return
+    from lcl_megatron.model.pipeline import canonical_name
+
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    part = ckpt_dir / f"model.stage{stage:03d}.safetensors"
+    if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
+        layers = {int(name): module for name, module in engine.module.named_children() if name.isdigit()}
+        save_model_file({canonical_name(k, layers): v for k, v in tensors.items()}, part)
+    dist.barrier()
+    if rank == 0:
+        merged = {}
+        for i in range(pp):
+            stage_file = ckpt_dir / f"model.stage{i:03d}.safetensors"
+            merged.update(load_model_file(stage_file))
+            stage_file.unlink()
+        save_model_file(merged, ckpt_dir / MODEL_FILE)
 
 
 def load_checkpoint(engine, ckpt_dir: Path, dp_rank: int) -> tuple[int, dict]:

@@ -1,0 +1,130 @@
+"""The plain LCL model cut into DeepSpeed pipeline stages.
+
+    first stage:  ViT + attentive pool-project + text embedding (images spliced in)
+    middle:       one megatron-core LM layer per pipeline layer
+    last stage:   context head + LM head + logit_scale -> the loss
+
+Between stages flows a tuple of fixed shapes (DeepSpeed's pipeline sends the
+shapes once): LM hidden states in megatron's [s, b, h] layout (sliced over
+the sequence under sequence parallelism), the image latents padded to
+`parallel.max_images` rows, the image count, the token ids and the padding
+mask. The last stage needs the latents for the contrastive term, so every
+stage carries them along.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lcl_megatron.model.layers import run_layers
+from lcl_megatron.model.lcl import LCLModel, encode_images_always, lcl_losses
+from lcl_megatron.model.sequence_parallel import gather_from_sequence, scatter_to_sequence
+
+
+class PipelineInputError(ValueError):
+    """A micro-batch that does not fit the pipeline's static shapes."""
+
+
+class FirstStage(nn.Module):
+    # canonical name prefix of each submodule, for checkpoints
+    CANONICAL = {"visual": "visual", "pool_project": "pool_project", "embedding": "text.embedding"}
+
+    def __init__(self, model: LCLModel, max_images: int):
+        super().__init__()
+        self.visual, self.pool_project, self.embedding = model.visual, model.pool_project, model.text.embedding
+        self.image_size = model.cfg.vision.image_size
+        self.sequence_parallel = model.text.sequence_parallel
+        self.max_images = max_images
+
+    def forward(self, inputs):
+        images, num_images, input_ids, attention_mask = inputs
+        n = int(num_images.item())
+        latents, image_tokens = encode_images_always(self.visual, self.pool_project, images[:n], self.image_size)
+        padded = torch.cat([latents, latents.new_zeros(self.max_images - n, latents.shape[1])])
+        hidden = self.embedding(input_ids, image_tokens).transpose(0, 1).contiguous()  # sent as is
+        if self.sequence_parallel:
+            hidden = scatter_to_sequence(hidden)
+        return hidden, padded, num_images, input_ids, attention_mask
+
+
+class LMLayerStage(nn.Module):
+    def __init__(self, model: LCLModel, index: int):
+        super().__init__()
+        self.layer = model.text.layers[index]
+        self.CANONICAL = {"layer": f"text.layers.{index}"}
+        self._rotary = [model.text.rotary]  # a list: shared, not registered as a submodule here
+        self.checkpoint_layers = model.text.checkpoint_layers
+
+    def forward(self, inputs):
+        hidden, latents, num_images, input_ids, attention_mask = inputs
+        kwargs = {}
+        if self._rotary[0] is not None:
+            kwargs["rotary_pos_emb"] = self._rotary[0](input_ids.shape[1])
+        hidden = run_layers([self.layer], hidden, checkpoint=self.checkpoint_layers, **kwargs).contiguous()
+        return hidden, latents, num_images, input_ids, attention_mask
+
+
+class LossStage(nn.Module):
+    CANONICAL = {"context_head": "text.context_head", "lm_head": "text.lm_head", "logit_scale": "logit_scale"}
+
+    def __init__(self, model: LCLModel):
+        super().__init__()
+        self.context_head, self.lm_head, self.logit_scale = model.text.context_head, model.text.lm_head, model.logit_scale
+        self.max_logit_scale = model.max_logit_scale
+        self.sequence_parallel = model.text.sequence_parallel
+        self.loss_impl, self.loss_weights = model.loss_impl, model.loss_weights
+        self.last_metrics: list[torch.Tensor] = []  # per micro-batch (generation, contrastive, logit_scale)
+
+    def forward(self, inputs):
+        hidden, latents, num_images, input_ids, attention_mask = inputs
+        if self.sequence_parallel:
+            hidden = gather_from_sequence(hidden)
+        scale = self.logit_scale.float().clamp(max=self.max_logit_scale).exp().squeeze(0)
+        out = lcl_losses(latents[: int(num_images.item())], hidden.transpose(0, 1), input_ids, attention_mask.bool(),
+                         context_head=self.context_head, lm_head=self.lm_head, scale=scale, impl=self.loss_impl,
+                         **self.loss_weights)
+        self.last_metrics.append(torch.stack([out["generation_loss"], out["contrastive_loss"], out["logit_scale"]]))
+        return out["loss"]
+
+
+def pipeline_layers(model: LCLModel, max_images: int) -> list[nn.Module]:
+    return ([FirstStage(model, max_images)] + [LMLayerStage(model, i) for i in range(len(model.text.layers))]
+            + [LossStage(model)])
+
+
+def stage_boundaries(num_lm_layers: int, num_stages: int, first_stage_lm_layers: int) -> list[int]:
+    """DeepSpeed `parts`: layer index where each stage starts (+ the end).
+
+    Layer 0 is FirstStage, 1..n the LM layers, n+1 the LossStage. The first
+    stage holds the ViT, so it may take fewer LM layers (`first_stage_lm_layers`;
+    -1 divides them evenly); the rest are spread evenly over the other stages.
+    """
+    n = num_lm_layers
+    first = n // num_stages if first_stage_lm_layers < 0 else first_stage_lm_layers
+    rest, others = n - first, num_stages - 1
+    parts = [0, 1 + first]
+    for stage in range(others):
+        parts.append(parts[-1] + rest // others + (1 if stage < rest % others else 0))
+    parts[-1] += 1  # the loss stage goes with the last LM layers
+    return parts
+
+
+def to_pipeline_batch(batch: dict, max_images: int):
+    """Loader batch -> ((images padded to max_images, count, ids, mask), dummy label)."""
+    images, n = batch["images"], batch["images"].shape[0]
+    if n > max_images:
+        raise PipelineInputError(f"a micro-batch holds {n} images but parallel.max_images is {max_images}; "
+                                 f"raise parallel.max_images")
+    padded = torch.cat([images, images.new_zeros(max_images - n, *images.shape[1:])])
+    inputs = (padded, torch.tensor([n]), batch["input_ids"], batch["attention_mask"].long())
+    return inputs, torch.zeros(1)
+
+
+def canonical_name(module_name: str, stage_layers: dict) -> str:
+    """'3.layer.mlp.linear_fc1.weight' -> 'text.layers.2.mlp.linear_fc1.weight' via each layer's CANONICAL map."""
+    index, local = module_name.split(".", 1)
+    layer = stage_layers[int(index)]
+    head, _, tail = local.partition(".")
+    prefix = layer.CANONICAL[head]
+    return f"{prefix}.{tail}" if tail else prefix
