@@ -4,9 +4,11 @@ Parameter counts come from the real model: the single-process model is built on
 the meta device (no memory) and each tensor is divided over tensor parallelism
 by megatron-core's own marks (`tensor_model_parallel`, `partition_dim`); the
 vocabulary-parallel rows are padded to a multiple of TP as the model pads them.
-Pipeline stages follow the model's cut: ViT, pool-project and the text
-embedding on the first stage, LM layers split over the stages, the context and
-LM heads and `logit_scale` on the last.
+Pipeline stages follow the model's cut (model/pipeline.py): ViT, pool-project
+and the text embedding on the first stage with `parallel.pp_first_stage_layers`
+LM layers, the other LM layers spread over the later stages, the context and LM
+heads and `logit_scale` on the last. The ViT is sized for the most images a
+micro-batch brings (`parallel.max_images`, capped by what the contexts hold).
 
 Memory model (per GPU, bytes per parameter), the ZeRO paper's mixed-precision
 accounting: weights and gradients in the model dtype (2 bf16, 4 fp32); AdamW
@@ -25,6 +27,7 @@ i holds min(pp - i, micro-batches) micro-batches in flight.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import re
 import sys
@@ -66,11 +69,16 @@ def check_layout(cfg: Config, nodes: int, gpus_per_node: int) -> Layout:
         raise ConfigError(f"--nodes and --gpus-per-node must be positive, got {nodes} and {gpus_per_node}")
     if p.tp < 1 or p.pp < 1:
         raise ConfigError(f"parallel.tp and parallel.pp must be >= 1, got {p.tp} and {p.pp}")
+    tr = cfg.train
+    if tr.micro_batch_size < 1 or tr.grad_accumulation < 1:
+        raise ConfigError(f"train.micro_batch_size and train.grad_accumulation must be positive, "
+                          f"got {tr.micro_batch_size} and {tr.grad_accumulation}")
+    if tr.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got {tr.precision!r}")
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
     groups = t.num_query_groups or t.heads
-    lm_ffn = lm_ffn_hidden_size(cfg)
-    vit_ffn = int(v.width * v.mlp_ratio)
+    lm_ffn, vit_ffn = lm_ffn_hidden_size(cfg), vit_ffn_hidden_size(cfg)
     for what, count, key in [
         ("ViT heads", v.heads, "model.vision.head_width"),
         ("LM heads", t.heads, "model.text.heads"),
@@ -84,6 +92,12 @@ def check_layout(cfg: Config, nodes: int, gpus_per_node: int) -> Layout:
     if p.pp > t.layers:
         raise ConfigError(f"parallel.pp={p.pp} exceeds the {t.layers} LM layers (model.text.layers); "
                           f"use at most {t.layers} stages")
+    if p.pp > 1 and p.pp_first_stage_layers > t.layers:
+        raise ConfigError(f"parallel.pp_first_stage_layers={p.pp_first_stage_layers} exceeds the {t.layers} LM "
+                          f"layers; use at most {t.layers}, or -1 for an even split")
+    if p.max_images < 0:
+        raise ConfigError(f"parallel.max_images must be >= 0 (0: micro_batch_size x data.max_images), "
+                          f"got {p.max_images}")
     if p.sp and p.tp == 1:
         raise ConfigError("parallel.sp needs parallel.tp > 1; set parallel.sp=false or raise parallel.tp")
     if p.sp and t.context_length % p.tp:
@@ -96,10 +110,14 @@ def check_layout(cfg: Config, nodes: int, gpus_per_node: int) -> Layout:
     model_parallel = p.tp * p.pp
     world = nodes * gpus_per_node
     if world % model_parallel:
-        raise ConfigError(f"{world} GPUs ({nodes} nodes x {gpus_per_node}) cannot be filled by tp x pp = "
+        raise ConfigError(f"{world} GPUs ({_nodes(nodes)} x {gpus_per_node}) cannot be filled by tp x pp = "
                           f"{p.tp} x {p.pp}; use a multiple of {model_parallel} GPUs or change parallel.tp/pp")
     return Layout(nodes=nodes, gpus_per_node=gpus_per_node, tp=p.tp, pp=p.pp, dp=world // model_parallel,
                   sp=p.sp, vit_sp=p.sp and (v.num_patches + 1) % p.tp == 0, zero_stage=p.zero_stage)
+
+
+def _nodes(n: int) -> str:
+    return f"{n} node{'s' if n != 1 else ''}"
 
 
 def lm_ffn_hidden_size(cfg: Config) -> int:
@@ -111,10 +129,19 @@ def lm_ffn_hidden_size(cfg: Config) -> int:
     return default_ffn_hidden_size(t.width, t.mlp_ratio)
 
 
-def lm_layers_per_stage(layers: int, pp: int) -> list[int]:
-    """An even split; the remainder goes to the later stages, since the first also holds the ViT."""
-    base, extra = divmod(layers, pp)
-    return [base + (1 if i >= pp - extra else 0) for i in range(pp)]
+def vit_ffn_hidden_size(cfg: Config) -> int:
+    from lcl_megatron.model.layers import default_ffn_hidden_size
+
+    return default_ffn_hidden_size(cfg.model.vision.width, cfg.model.vision.mlp_ratio)
+
+
+def lm_layers_per_stage(layers: int, pp: int, first_stage_layers: int = -1) -> list[int]:
+    """LM layers on each pipeline stage, by the pipeline's own cut (model/pipeline.py), whose
+    boundaries also count the first stage's ViT block and the last stage's loss block."""
+    from lcl_megatron.model.pipeline import stage_boundaries
+
+    parts = stage_boundaries(layers, pp, first_stage_layers)
+    return [parts[i + 1] - parts[i] - (i == 0) - (i == pp - 1) for i in range(pp)]
 
 
 # ---------------------------------------------------------------- parameters
@@ -133,12 +160,13 @@ class Tensor:
         return math.prod(shape)
 
 
-def model_tensors(cfg: Config) -> list[Tensor]:
+def sharded_tensors(cfg: Config) -> list[Tensor]:
     """Every tensor of the single-process model with its TP split, from a meta-device build."""
     from lcl_megatron.convert.native import model_tensors as state_tensors
     from lcl_megatron.model.build import build_model
 
-    model = build_model(cfg.model, "meta")
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's start-up chatter; stdout is the plan
+        model = build_model(cfg.model, "meta")
     params = dict(model.named_parameters())
     out = []
     for name, tensor in state_tensors(model.state_dict()).items():
@@ -165,8 +193,9 @@ def stage_of(name: str, stage_layers: list[int]) -> int:
     raise RuntimeError(f"LM layer {layer} is beyond the {first} layers of the stages")
 
 
-def tokens_per_sample(name: str, cfg: Config, images: int) -> int:
-    """How many tokens per sample pass through tensor `name` as a matmul (0: a lookup, no FLOPs)."""
+def tokens_per_microbatch(name: str, cfg: Config, images: int) -> int:
+    """How many tokens of a micro-batch with `images` images pass through tensor `name` as a
+    matmul (0: a lookup, no FLOPs)."""
     v, t = cfg.model.vision, cfg.model.text
     if name in ("visual.class_embedding", "visual.positional_embedding", "logit_scale") \
             or name.startswith("text.embedding."):
@@ -177,7 +206,7 @@ def tokens_per_sample(name: str, cfg: Config, images: int) -> int:
         return images * v.num_patches
     if name.startswith("text.context_head."):
         return images  # one context feature per image
-    return t.context_length  # LM layers and LM head
+    return cfg.train.micro_batch_size * t.context_length  # LM layers and LM head
 
 
 # ---------------------------------------------------------------- activations
@@ -222,13 +251,11 @@ class Tower:
         return low * act_bytes + fp32 * 4
 
     def activation_bytes(self, tp: int, act_bytes: int, checkpoint: bool) -> float:
-        if not self.layers:
-            return 0.0
+        """Kept from forward to backward; checkpointed layers keep only their inputs (backward
+        then recomputes one layer at a time: `layer_bytes` once, whatever the micro-batches)."""
         if not checkpoint:
             return self.layers * self.layer_bytes(tp, act_bytes)
-        # each layer's input is kept; backward recomputes one layer at a time
-        inputs = self.seq * self.batch * self.width / (tp if self.sp else 1) * act_bytes
-        return self.layers * inputs + self.layer_bytes(tp, act_bytes)
+        return self.layers * self.seq * self.batch * self.width / (tp if self.sp else 1) * act_bytes
 
     def tp_bytes(self, tp: int, act_bytes: int) -> float:
         """Per micro-batch: 2 all-reduces forward, 2 backward, 2 more when recomputing (SP: the same
@@ -241,8 +268,8 @@ class Tower:
     def forward_flops(self, stage_tensors: list, cfg: Config, images: int, tp: int) -> float:
         """Forward FLOPs per GPU per micro-batch of these layers: matmuls, then QK^T and AV
         (a causal mask skips half the scores)."""
-        matmul = sum(2 * x.numel(tp) * tokens_per_sample(x.name, cfg, images)
-                     for x in stage_tensors if x.name.startswith(self.prefix)) * cfg.train.micro_batch_size
+        matmul = sum(2 * x.numel(tp) * tokens_per_microbatch(x.name, cfg, images)
+                     for x in stage_tensors if x.name.startswith(self.prefix))
         attention = self.layers * 4 * self.seq * self.seq * self.width * self.batch / tp
         return matmul + attention * (0.5 if self.causal else 1.0)
 
@@ -262,6 +289,7 @@ class Stage:
     activation_bytes_checkpointed: float  # per micro-batch, both towers checkpointed
     activation_bytes: float  # per micro-batch, as configured
     in_flight: int
+    recompute_bytes: float  # one checkpointed layer's activations, rebuilt during backward
     model_flops: float  # per GPU per step
     hardware_flops: float  # with recomputation
     dp_bytes: float
@@ -270,7 +298,8 @@ class Stage:
 
     @property
     def total_bytes(self) -> float:
-        return self.weight_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes * self.in_flight
+        return (self.weight_bytes + self.grad_bytes + self.optimizer_bytes
+                + self.activation_bytes * self.in_flight + self.recompute_bytes)
 
 
 @dataclass
@@ -278,19 +307,22 @@ class Plan:
     layout: Layout
     total_params: int  # the single-process model's count
     group_params: dict  # ViT / pool-project / LM -> count
-    images_per_sample: int
+    images_per_microbatch: int
     global_batch: int
     model_flops: float  # whole step, all GPUs
     hardware_flops: float
     stage_layers: list[int]  # LM layers per pipeline stage
     stages: list[Stage] = field(default_factory=list)
-    balanced_first_stage_layers: int | None = None  # pp > 1: the first-stage LM share that balances FLOPs
+    balanced_first_stage_layers: int | None = None  # pp > 1: the parallel.pp_first_stage_layers balancing FLOPs
 
 
-def default_images_per_sample(cfg: Config) -> int:
-    """As many image runs as the context holds, at most data.max_images."""
-    run = cfg.model.vision.num_patches + 2
-    return max(1, min(cfg.data.max_images, cfg.model.text.context_length // run))
+def images_per_microbatch(cfg: Config) -> int:
+    """The most images a micro-batch brings: the pipeline's static bound (parallel.max_images, by
+    default micro_batch_size x data.max_images), at most as many image runs as the contexts hold."""
+    from lcl_megatron.training.engine import max_images_per_microbatch
+
+    fit = cfg.train.micro_batch_size * (cfg.model.text.context_length // (cfg.model.vision.num_patches + 2))
+    return max(1, min(max_images_per_microbatch(cfg), fit))
 
 
 @dataclass
@@ -299,7 +331,7 @@ class _Setup:
     cfg: Config
     layout: Layout
     tensors: list
-    images: int
+    images: int  # per micro-batch
     pbytes: int  # weights, gradients and activations: the model dtype
     optimizer_bytes_per_param: int
 
@@ -318,8 +350,8 @@ def _stage(s: _Setup, index: int, stage_layers: list[int]) -> Stage:
                sp=lay.sp, layers=stage_layers[index], checkpoint=cfg.parallel.activation_checkpointing_lm)
     towers = [lm]
     if first:
-        towers.insert(0, Tower(prefix="visual.layers.", causal=False, seq=v.num_patches + 1, batch=mbs * s.images,
-                               width=v.width, heads=v.heads, query_groups=v.heads, ffn=int(v.width * v.mlp_ratio),
+        towers.insert(0, Tower(prefix="visual.layers.", causal=False, seq=v.num_patches + 1, batch=s.images,
+                               width=v.width, heads=v.heads, query_groups=v.heads, ffn=vit_ffn_hidden_size(cfg),
                                gated=False, sp=lay.vit_sp, layers=v.layers,
                                checkpoint=cfg.parallel.activation_checkpointing_vit))
 
@@ -331,8 +363,8 @@ def _stage(s: _Setup, index: int, stage_layers: list[int]) -> Stage:
 
     # FLOPs: 6 x params x tokens for every matmul (forward 2, backward 4), plus attention
     layer_prefixes = tuple(x.prefix for x in towers)
-    other = sum(2 * x.numel(tp) * tokens_per_sample(x.name, cfg, s.images)
-                for x in stage_tensors if not x.name.startswith(layer_prefixes)) * mbs
+    other = sum(2 * x.numel(tp) * tokens_per_microbatch(x.name, cfg, s.images)
+                for x in stage_tensors if not x.name.startswith(layer_prefixes))
     forward = other + sum(x.forward_flops(stage_tensors, cfg, s.images, tp) for x in towers)
     recompute = sum(x.forward_flops(stage_tensors, cfg, s.images, tp) for x in towers if x.checkpoint)
 
@@ -348,9 +380,11 @@ def _stage(s: _Setup, index: int, stage_layers: list[int]) -> Stage:
         tp_bytes += 2 * (tp - 1) / tp * mbs * t.context_length * t.width * act_bytes
     if tp > 1 and last:  # LM head input gradient all-reduce; cross-entropy max, sum and target logits
         tp_bytes += 2 * (tp - 1) / tp * mbs * t.context_length * (t.width * act_bytes + 3 * 4)
-    # each stage boundary: hidden states forward and their gradients backward, plus each image's fp32 latent
+    # each stage boundary (model/pipeline.py): hidden states (sliced under SP) and the latents padded to
+    # the image bound go forward with the token ids and mask (int64), their gradients come back
     boundaries = (0 if first else 1) + (0 if last else 1)
-    pp_bytes = boundaries * 2 * mbs * (t.context_length * t.width * act_bytes + s.images * t.width * 4)
+    floating = (mbs * t.context_length * t.width / (tp if lay.sp else 1) + s.images * t.width) * act_bytes
+    pp_bytes = boundaries * (2 * floating + 2 * mbs * t.context_length * 8)
 
     zero = lay.zero_stage
     return Stage(
@@ -364,6 +398,7 @@ def _stage(s: _Setup, index: int, stage_layers: list[int]) -> Stage:
         activation_bytes_checkpointed=activations(lambda tower: True),
         activation_bytes=activations(lambda tower: tower.checkpoint),
         in_flight=min(pp - index, micro_batches),
+        recompute_bytes=max([x.layer_bytes(tp, act_bytes) for x in towers if x.checkpoint and x.layers], default=0.0),
         model_flops=3 * forward * micro_batches,
         hardware_flops=(3 * forward + recompute) * micro_batches,
         dp_bytes=dp_bytes,
@@ -373,23 +408,23 @@ def _stage(s: _Setup, index: int, stage_layers: list[int]) -> Stage:
 
 
 def balanced_first_stage(s: _Setup) -> int:
-    """LM layers on the first stage that minimise the slowest stage's FLOPs (the rest split evenly)."""
+    """parallel.pp_first_stage_layers that minimises the slowest stage's FLOPs."""
     layers, pp = s.cfg.model.text.layers, s.layout.pp
 
     def slowest(first: int) -> float:
-        split = [first] + lm_layers_per_stage(layers - first, pp - 1)
+        split = lm_layers_per_stage(layers, pp, first)
         return max(_stage(s, i, split).hardware_flops for i in range(pp))
 
-    return min(range(1, layers - pp + 2), key=slowest)
+    return min(range(0, layers - pp + 2), key=slowest)
 
 
-def make_plan(cfg: Config, nodes: int, gpus_per_node: int, images_per_sample: int | None = None) -> Plan:
+def make_plan(cfg: Config, nodes: int, gpus_per_node: int) -> Plan:
     layout = check_layout(cfg, nodes, gpus_per_node)
     bf16 = cfg.train.precision == "bf16"
-    setup = _Setup(cfg=cfg, layout=layout, tensors=model_tensors(cfg),
-                   images=images_per_sample or default_images_per_sample(cfg),
+    setup = _Setup(cfg=cfg, layout=layout, tensors=sharded_tensors(cfg),
+                   images=images_per_microbatch(cfg),
                    pbytes=2 if bf16 else 4, optimizer_bytes_per_param=12 if bf16 else 8)
-    stage_layers = lm_layers_per_stage(cfg.model.text.layers, layout.pp)
+    stage_layers = lm_layers_per_stage(cfg.model.text.layers, layout.pp, cfg.parallel.pp_first_stage_layers)
     stages = [_stage(setup, i, stage_layers) for i in range(layout.pp)]
     groups = {"ViT": 0, "pool-project": 0, "LM": 0, "logit_scale": 0}
     names = {"visual": "ViT", "pool_project": "pool-project", "text": "LM"}
@@ -398,7 +433,7 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, images_per_sample: in
         groups[names.get(key, key)] += tensor.numel()
     replicas = layout.tp * layout.dp
     return Plan(layout=layout, total_params=sum(x.numel() for x in setup.tensors), group_params=groups,
-                images_per_sample=setup.images,
+                images_per_microbatch=setup.images,
                 global_batch=cfg.train.micro_batch_size * cfg.train.grad_accumulation * layout.dp,
                 model_flops=sum(x.model_flops for x in stages) * replicas,
                 hardware_flops=sum(x.hardware_flops for x in stages) * replicas, stage_layers=stage_layers,
@@ -408,7 +443,10 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, images_per_sample: in
 
 def _holds(first: bool, last: bool, first_layer: int, layers: int) -> str:
     parts = ["ViT, pool-project, embedding"] if first else []
-    parts.append(f"LM layers {first_layer}-{first_layer + layers - 1}")
+    if layers == 1:
+        parts.append(f"LM layer {first_layer}")
+    elif layers > 1:
+        parts.append(f"LM layers {first_layer}-{first_layer + layers - 1}")
     if last:
         parts.append("heads")
     return ", ".join(parts)
@@ -432,19 +470,20 @@ def _table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> l
 def format_plan(plan: Plan, cfg: Config, source: str) -> str:
     lay, t, v, tr = plan.layout, cfg.model.text, cfg.model.vision, cfg.train
     on = lambda flag: "on" if flag else "off"
-    nodes = f"{lay.nodes} node{'s' if lay.nodes > 1 else ''}"
     lines = [
         f"lcl plan: {source}",
-        f"layout      {lay.world} GPUs = {nodes} x {lay.gpus_per_node}: tp {lay.tp} x pp {lay.pp} x dp {lay.dp}; "
+        f"layout      {lay.world} GPUs = {_nodes(lay.nodes)} x {lay.gpus_per_node}: "
+        f"tp {lay.tp} x pp {lay.pp} x dp {lay.dp}; "
         f"sequence parallel LM {on(lay.sp)}, ViT {on(lay.vit_sp)}; ZeRO {lay.zero_stage}; {tr.precision}",
         f"parameters  {plan.total_params:,} (" + ", ".join(f"{k} {n:,}" for k, n in plan.group_params.items()) + ")",
         f"batch       {tr.micro_batch_size} samples/micro-batch x {tr.grad_accumulation} micro-batches x "
-        f"{lay.dp} DP = {plan.global_batch} samples/step; {t.context_length} LM tokens and up to "
-        f"{plan.images_per_sample} images of {v.num_patches + 1} ViT tokens per sample",
+        f"{lay.dp} DP = {plan.global_batch} samples/step; {t.context_length} LM tokens per sample, up to "
+        f"{plan.images_per_microbatch} images of {v.num_patches + 1} ViT tokens per micro-batch",
         f"activation checkpointing: ViT {on(cfg.parallel.activation_checkpointing_vit)}, "
         f"LM {on(cfg.parallel.activation_checkpointing_lm)}; loss {cfg.loss.impl}",
         "",
-        "memory per GPU, GiB (activations per micro-batch; total = states + activations x in flight)",
+        "memory per GPU, GiB (activations kept per micro-batch without and with checkpointing; "
+        "total = states + configured activations x micro-batches in flight + one recomputed layer)",
     ]
     lines += _table(
         ["stage", "holds", "params/GPU", "weights", "grads", "optimizer", "act no-ckpt", "act ckpt",
@@ -462,9 +501,10 @@ def format_plan(plan: Plan, cfg: Config, source: str) -> str:
         f"step        {plan.model_flops / 1e15:,.2f} PFLOP model (6 x params x tokens + attention), "
         f"{plan.hardware_flops / 1e15:,.2f} PFLOP with recomputation",
     ]
-    if plan.balanced_first_stage_layers is not None:
+    if plan.balanced_first_stage_layers not in (None, plan.stage_layers[0]):
         lines.append(f"note        LM layers per stage: {' / '.join(map(str, plan.stage_layers))}; "
-                     f"{plan.balanced_first_stage_layers} on the first stage would balance the stages' FLOPs")
+                     f"parallel.pp_first_stage_layers={plan.balanced_first_stage_layers} would balance the "
+                     f"stages' FLOPs (with {plan.images_per_microbatch} images per micro-batch)")
     if lay.tp > lay.gpus_per_node:
         lines.append(f"note        the TP group ({lay.tp}) spans nodes: its all-reduces cross the network")
     if lay.sp and not lay.vit_sp:
@@ -477,23 +517,19 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lcl plan", description="Per-GPU memory, FLOPs and communication "
                                      "of a config's parallel layout.")
     parser.add_argument("--config", required=True, help="YAML config")
-    parser.add_argument("--nodes", type=int, default=None, help="default: as few as the layout needs")
+    parser.add_argument("--nodes", type=int, default=None, help="default: the fewest whole nodes the layout fills")
     parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--images-per-sample", type=int, default=None,
-                        help="images per sample to size the ViT for (default: as many as the context holds, "
-                             "at most data.max_images)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, validate=False)
         validate_model(cfg.model)
-        if args.images_per_sample is not None and args.images_per_sample < 1:
-            raise ConfigError(f"--images-per-sample must be positive, got {args.images_per_sample}")
         nodes = args.nodes
-        if nodes is None:
-            nodes = max(1, math.ceil(cfg.parallel.tp * cfg.parallel.pp / max(1, args.gpus_per_node)))
-        check_layout(cfg, nodes, args.gpus_per_node)  # before building anything: user errors fail fast
-        plan = make_plan(cfg, nodes, args.gpus_per_node, args.images_per_sample)
+        if nodes is None:  # the fewest whole nodes the layout fills
+            model_parallel = max(1, cfg.parallel.tp * cfg.parallel.pp)
+            nodes = model_parallel // math.gcd(model_parallel, max(1, args.gpus_per_node))
+        check_layout(cfg, nodes, args.gpus_per_node)  # user errors fail before the model is built
+        plan = make_plan(cfg, nodes, args.gpus_per_node)
     except ConfigError as e:
         print(f"lcl plan: {e}", file=sys.stderr)
         return 2

@@ -30,6 +30,8 @@ LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
     "tp2_dp2": (4, ["parallel.tp=2", "parallel.zero_stage=1"]),
+    "pp2": (2, ["parallel.pp=2"]),
+    "pp2_dp2": (4, ["parallel.pp=2", "parallel.zero_stage=1"]),
 }
 
 

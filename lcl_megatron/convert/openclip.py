@@ -234,6 +234,7 @@ def from_openclip_main(argv=None) -> int:
 
 
 def to_openclip_main(argv=None) -> int:
+    from lcl_megatron.convert.inspect import open_checkpoint
     from lcl_megatron.convert.writer import read_checkpoint
 
     args = _parse("lcl convert to-openclip", argv,
@@ -241,7 +242,8 @@ def to_openclip_main(argv=None) -> int:
                   ("--out", {"required": True, "help": "output .pt file (a bare OpenCLIP state dict)"}),
                   ("--model-config-out", {"help": "also write the OpenCLIP model-config JSON here"}))
     try:
-        cfg, tensors = read_checkpoint(Path(args.checkpoint))
+        ckpt, _ = open_checkpoint(Path(args.checkpoint))  # every file against its checksum
+        cfg, tensors = read_checkpoint(ckpt)
         sd = to_openclip_state_dict(tensors, cfg.model)
     except (ConfigError, CheckpointMismatch, FileNotFoundError) as e:
         print(f"lcl convert to-openclip: {e}", file=sys.stderr)

@@ -58,13 +58,15 @@ class TextEmbedding(nn.Module):
         self.positional_embedding = (nn.Parameter(torch.randn(cfg.context_length, cfg.width) * 0.01)
                                      if cfg.arch == "clip" else None)
 
-    def forward(self, input_ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, L], image_tokens [N, P, D] -> [B, L, D]."""
+    def forward(self, input_ids: torch.Tensor, image_tokens: torch.Tensor, position_ids=None) -> torch.Tensor:
+        """input_ids [B, L], image_tokens [N, P, D] -> [B, L, D]; positions restart per packed document."""
         x = self.token_embedding(input_ids)
-        if image_tokens.numel():
-            x = x.masked_scatter((input_ids == tokens.IMG_ID).unsqueeze(-1), image_tokens.to(x.dtype))
+        # Also with no image (an empty source): every rank's graph must hold the same modules.
+        x = x.masked_scatter((input_ids == tokens.IMG_ID).unsqueeze(-1), image_tokens.to(x.dtype))
         if self.positional_embedding is not None:
-            x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
+            positions = self.positional_embedding[: x.shape[1]] if position_ids is None \
+                else self.positional_embedding[position_ids]
+            x = x + positions.to(x.dtype)
         return x
 
 
@@ -114,6 +116,8 @@ class LanguageModel(nn.Module):
         """Embeddings [B, L, D] -> LM outputs [B, L, D] (before ln_final / the head's norm)."""
         x = embeddings.transpose(0, 1)  # megatron layers take [s, b, h]
         kwargs = {"packed_seq_params": packed_seq_params} if packed_seq_params is not None else {}
+        if self.rotary is not None and packed_seq_params is not None:
+            raise NotImplementedError("packed sequences with rotary positions (arch llama) are not supported yet")
         if self.rotary is not None:
             kwargs["rotary_pos_emb"] = self.rotary(x.shape[0])
         if self.sequence_parallel:

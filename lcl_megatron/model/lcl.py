@@ -22,22 +22,41 @@ from lcl_megatron.model.sharding import mark_glu
 from lcl_megatron.model.vision import VisionTransformer
 
 
-def context_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """<start_of_img> positions that have context before them (not at position 0 of a row)."""
+def context_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids=None) -> torch.Tensor:
+    """<start_of_img> positions that have context before them: not at the start of a row
+    or, in packed rows, of a document."""
     soi = (input_ids == tokens.SOI_ID) & attention_mask
     soi[:, 0] = False
+    if position_ids is not None:
+        soi &= position_ids > 0
     return soi
 
 
-def generation_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+def generation_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids=None):
     """Positions whose next token is predicted, and those next tokens.
 
     Image placeholders and <end_of_img> are never predicted; padding is
-    recognised by the mask, never by id 0 (a real BPE token).
+    recognised by the mask, never by id 0 (a real BPE token); in packed rows a
+    document's first token is not predicted from the previous document.
     """
     nxt = input_ids[:, 1:]
     mask = attention_mask[:, 1:] & (nxt != tokens.IMG_ID) & (nxt != tokens.EOI_ID)
+    if position_ids is not None:
+        mask &= position_ids[:, 1:] > 0
     return mask, nxt[mask]
+
+
+def packed_params(cu_seqlens, max_seqlen=None):
+    """megatron's PackedSeqParams for documents packed into rows (sbhd layout, flattened offsets)."""
+    if cu_seqlens is None:
+        return None
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
 
 
 class LCLModel(nn.Module):
@@ -103,11 +122,17 @@ class LCLModel(nn.Module):
     def encode_images_always(self, images: torch.Tensor):
         return encode_images_always(self.visual, self.pool_project, images, self.cfg.vision.image_size)
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None):
+        """Losses of a batch; packed rows (several documents each) come with `position_ids`
+        restarting at 0 per document and `cu_seqlens` over the flattened B x L tokens."""
+        if (position_ids is None) != (cu_seqlens is None):
+            raise ValueError("packed batches need both position_ids and cu_seqlens")
         latents, image_tokens = self.encode_images_always(images)
-        hidden = self.text(self.text.embedding(input_ids, image_tokens))
-        return lcl_losses(latents, hidden, input_ids, attention_mask.bool(), context_head=self.text.context_head,
-                          lm_head=self.text.lm_head, scale=self.scale(), impl=self.loss_impl, **self.loss_weights)
+        hidden = self.text(self.text.embedding(input_ids, image_tokens, position_ids), packed_params(cu_seqlens))
+        return lcl_losses(latents, hidden, input_ids, attention_mask.bool(), position_ids,
+                          context_head=self.text.context_head, lm_head=self.text.lm_head, scale=self.scale(),
+                          impl=self.loss_impl, **self.loss_weights)
 
 
 def encode_images_always(visual, pool_project, images: torch.Tensor, image_size: int):
@@ -123,20 +148,20 @@ def encode_images_always(visual, pool_project, images: torch.Tensor, image_size:
     return latents[:0], image_tokens[:0]
 
 
-def lcl_losses(latents, hidden, input_ids, attention_mask, *, context_head, lm_head, scale, impl,
+def lcl_losses(latents, hidden, input_ids, attention_mask, position_ids=None, *, context_head, lm_head, scale, impl,
                generation_weight, contrastive_weight):
     """Both LCL losses from the image latents [N, D] and the LM outputs [B, L, D].
 
     Shared by the plain model and the last pipeline stage.
     """
     dp_group = parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None
-    ctx = context_positions(input_ids, attention_mask)
+    ctx = context_positions(input_ids, attention_mask, position_ids)
     has_context = ctx[input_ids == tokens.SOI_ID]  # per image, in row-major order
     image_feats = F.normalize(latents[has_context].float(), dim=-1)
     context_feats = context_head(hidden[ctx])
     con_sum = contrastive_loss_sum(image_feats, context_feats, scale, dp_group, impl)
 
-    gen_mask, targets = generation_targets(input_ids, attention_mask)
+    gen_mask, targets = generation_targets(input_ids, attention_mask, position_ids)
     gen_sum = lm_head(hidden[:, :-1][gen_mask], targets)
     out = combine_losses(gen_sum, gen_mask.sum(), con_sum, torch.tensor(image_feats.shape[0]), group=dp_group,
                          generation_weight=generation_weight, contrastive_weight=contrastive_weight)

@@ -112,6 +112,9 @@ def stage_boundaries(num_lm_layers: int, num_stages: int, first_stage_lm_layers:
 
 def to_pipeline_batch(batch: dict, max_images: int):
     """Loader batch -> ((images padded to max_images, count, ids, mask), dummy label)."""
+    if "cu_seqlens" in batch:
+        raise PipelineInputError("packed batches are not supported with pipeline parallelism yet; "
+                                 "turn packing off or set parallel.pp=1")
     images, n = batch["images"], batch["images"].shape[0]
     if n > max_images:
         raise PipelineInputError(f"a micro-batch holds {n} images but parallel.max_images is {max_images}; "

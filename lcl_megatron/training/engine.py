@@ -154,7 +154,8 @@ def plain_train_step(engine, batches, cfg: Config, step: int) -> dict:
     sums, tokens = torch.zeros(4), torch.zeros(1)
     for _ in range(cfg.train.grad_accumulation):
         batch = next(batches)
-        out = engine(batch["images"], batch["input_ids"], batch["attention_mask"])
+        out = engine(batch["images"], batch["input_ids"], batch["attention_mask"],
+                     batch.get("position_ids"), batch.get("cu_seqlens"))
         values = torch.stack([out["loss"].detach().float(), out["generation_loss"].float(),
                               out["contrastive_loss"].float(), out["logit_scale"].float()])
         if not _all_finite(values[:3]):

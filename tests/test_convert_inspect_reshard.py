@@ -1,0 +1,155 @@
+"""`lcl convert inspect` and `lcl convert reshard` on real DeepSpeed checkpoints written by `lcl train`."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lcl_megatron.convert.reshard import OPTIMIZER_STATE, OPTIMIZER_TENSORS
+from lcl_megatron.model.build import count_parameters, expected_tensor_shapes
+from lcl_megatron.config import load_config
+from tests.paths import REPO
+from tests.test_convert_openclip import run_cli
+
+TINY = ["model.embed_dim=32", "model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.width=48",
+        "model.vision.layers=1", "model.vision.head_width=16", "model.text.context_length=96", "model.text.width=32",
+        "model.text.heads=2", "model.text.layers=1", "model.pool_heads=2", "train.steps=1", "train.micro_batch_size=2",
+        "data.heldout=", "logging.progress=false", "logging.tensorboard=false"]
+STAGES = (0, 1, 3)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One optimizer step of the same tiny model, seed and data under ZeRO stages 0, 1 and 3."""
+    from lcl_megatron import cli
+
+    root = tmp_path_factory.mktemp("runs")
+    for stage in STAGES:
+        argv = ["train", "--config", REPO / "configs" / "demo.yaml", *TINY, f"parallel.zero_stage={stage}",
+                f"run.dir={root / f'zero{stage}'}"]
+        assert cli.main(list(map(str, argv))) == 0
+    return {stage: root / f"zero{stage}" / "checkpoints" / "step_00000001" for stage in STAGES}
+
+
+def tiny_model_config():
+    return load_config(REPO / "configs" / "demo.yaml", TINY).model
+
+
+def inspect_json(capsys, path) -> dict:
+    code, out, err = run_cli(capsys, "convert", "inspect", "--checkpoint", path, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_inspect_reports_layout_step_parameters_and_shards(capsys, runs):
+    expected_tensors = len(expected_tensor_shapes(tiny_model_config()))
+    for stage, ckpt in runs.items():
+        info = inspect_json(capsys, ckpt.parent.parent)  # a run directory finds its newest checkpoint
+        assert info["checkpoint"] == str(ckpt) and info["step"] == 1
+        assert info["layout"] == {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "zero_stage": stage, "sp": False,
+                                  "format": "deepspeed"}
+        assert info["parameters"] == count_parameters(tiny_model_config())
+        shards = info["shards"]
+        assert shards["model.safetensors"]["contents"][""] == {"tensors": expected_tensors,
+                                                               "elements": info["parameters"]}
+        optim = [name for name in shards if "optim_states" in name]
+        assert len(optim) == (stage > 0)
+        if stage == 0:  # AdamW state sits with the module: two moments per tensor, plus its step
+            assert shards["mp_rank_00_model_states.pt"]["contents"]["optimizer"]["tensors"] == 3 * expected_tensors
+        else:  # fp32 masters and both moments of each parameter group (2 groups), flattened
+            flat = shards[optim[0]]["contents"]["optimizer_state_dict"]
+            assert flat["elements"] >= 3 * info["parameters"]
+    code, out, _ = run_cli(capsys, "convert", "inspect", "--checkpoint", runs[1])
+    assert code == 0 and "ZeRO stage 1" in out and "files match their SHA-256" in out
+
+
+def _broken(tmp_path, ckpt, name):
+    copy = tmp_path / name
+    shutil.copytree(ckpt, copy)
+    return copy
+
+
+def _exit_2(capsys, *argv) -> str:
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("command", ["inspect", "reshard", "to-hf"])
+def test_broken_checkpoints_exit_2(capsys, runs, tmp_path, command):
+    extra = {"inspect": [], "reshard": ["--layout", "consolidated", "--out", tmp_path / "out"],
+             "to-hf": ["--out", tmp_path / "out"]}[command]
+    check = lambda ckpt: _exit_2(capsys, "convert", command, "--checkpoint", ckpt, *extra)
+
+    truncated = _broken(tmp_path, runs[1], "truncated")
+    shard = truncated / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    assert "truncated" in check(truncated) and shard.name in check(truncated)
+
+    missing = _broken(tmp_path, runs[1], "missing")
+    (missing / "mp_rank_00_model_states.pt").unlink()
+    err = check(missing)
+    assert "missing" in err and "mp_rank_00_model_states.pt" in err
+
+    corrupt = _broken(tmp_path, runs[0], "corrupt")
+    data = bytearray((corrupt / "model.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    (corrupt / "model.safetensors").write_bytes(bytes(data))
+    assert "SHA-256" in check(corrupt)
+
+    # A config that does not fit the tensors, with a manifest that vouches for it.
+    from lcl_megatron.training.checkpoint import read_manifest, write_manifest
+
+    mismatched = _broken(tmp_path, runs[0], "mismatched")
+    config = (mismatched / "config.yaml").read_text()
+    (mismatched / "config.yaml").write_text(config.replace("width: 48", "width: 64", 1))
+    write_manifest(mismatched, {k: v for k, v in read_manifest(mismatched).items() if k != "files"})
+    assert "does not match the model" in check(mismatched)
+
+    unfinished = _broken(tmp_path, runs[0], "unfinished")
+    (unfinished / "COMPLETE").unlink()
+    assert "COMPLETE" in check(unfinished)
+    assert not (tmp_path / "out").exists()
+
+
+def test_reshard_to_consolidated_gives_the_same_state_from_every_zero_stage(capsys, runs, tmp_path):
+    states = {}
+    for stage, ckpt in runs.items():
+        out = tmp_path / f"consolidated{stage}"
+        code, _, err = run_cli(capsys, "convert", "reshard", "--checkpoint", ckpt, "--layout", "tp=1,pp=1,dp=1",
+                               "--out", out)
+        assert code == 0, err
+        assert (out / "model.safetensors").read_bytes() == (ckpt / "model.safetensors").read_bytes()
+        weights = load_file(out / "model.safetensors")
+        tensors = load_file(out / OPTIMIZER_TENSORS)
+        meta = json.loads((out / OPTIMIZER_STATE).read_text())
+        assert meta["adam_step"] == 1 and meta["global_steps"] == 1
+        assert meta["source_layout"] == {"tp": 1, "pp": 1, "dp": 1, "zero": stage}
+        assert sorted(n for g in meta["param_groups"] for n in g["names"]) == sorted(weights)
+        decay = {g["weight_decay"] for g in meta["param_groups"]}
+        assert decay == {0.0, load_config(REPO / "configs" / "demo.yaml").optim.weight_decay}
+        for name, w in weights.items():  # fp32 training: the masters are the weights
+            assert torch.equal(tensors[f"fp32/{name}"], w), name
+        # Every parameter got a gradient in the one step.
+        assert all(tensors[f"exp_avg/{name}"].abs().sum() > 0 for name in weights)
+        states[stage] = tensors
+        info = inspect_json(capsys, out)
+        assert info["layout"]["format"] == "consolidated" and info["step"] == 1
+    # The same step under ZeRO 0, 1 and 3 leaves the same moments, name by name.
+    for stage in (1, 3):
+        assert states[stage].keys() == states[0].keys()
+        for key, value in states[0].items():
+            torch.testing.assert_close(states[stage][key], value, rtol=1e-5, atol=1e-9, msg=key)
+
+    # The consolidated checkpoint serves evaluation and export.
+    code, _, err = run_cli(capsys, "convert", "to-openclip", "--checkpoint", tmp_path / "consolidated3",
+                           "--out", tmp_path / "openclip.pt")
+    assert code == 0, err
+
+
+def test_reshard_refuses_what_it_cannot_write(capsys, runs, tmp_path):
+    for layout in ("tp=2,pp=1,dp=1", "dp=2,zero=3", "tp=0", "fast"):
+        _exit_2(capsys, "convert", "reshard", "--checkpoint", runs[0], "--layout", layout, "--out", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
