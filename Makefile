@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-oracle.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, alone: the CPU wheel comes from the local wheel store when there is one.
 	$(PY) -m pip install -q "$$(grep '^torch==' requirements.txt)"
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-oracle.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

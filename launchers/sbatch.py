@@ -33,6 +33,7 @@ class JobSpec:
     procs_per_node: int
     gpus: bool  # request GPUs from Slurm; False: CPU-only nodes, the backend is gloo
     overrides: list[str] = field(default_factory=list)
+    init_from: str | None = None  # weights to start from when the run has no checkpoint yet
     time: str | None = None
     partition: str | None = None
     account: str | None = None
@@ -102,6 +103,7 @@ def settings(spec: JobSpec) -> list[str]:
         f"LCL_CONFIG={q(spec.config)}",
         f"LCL_RUN_DIR={q(spec.run_dir)}",
         "LCL_OVERRIDES=(" + " ".join(q(o) for o in spec.overrides) + ")",
+        "LCL_TRAIN_ARGS=(" + (f"--init-from {q(spec.init_from)}" if spec.init_from else "") + ")",
         f"PROCS_PER_NODE={spec.procs_per_node}" + ("" if spec.gpus else "  # CPU-only nodes: processes, gloo"),
         f"MAX_RESTARTS={spec.max_restarts}",
         f"RDZV_TIMEOUT={spec.rdzv_timeout_s}",

@@ -33,6 +33,9 @@ def parse_args(argv):
     p.add_argument("--time", help="time limit (Slurm format, e.g. 2-00:00:00)")
     p.add_argument("--account", help="Slurm account to charge")
     p.add_argument("--job-name", help="job name (default: the config's run.name)")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="start from these weights while the run has no checkpoint of its own "
+                        "(a new layout: see docs/slurm.md)")
     p.add_argument("--cpus-per-task", type=int, help="CPUs per node for its training processes")
     p.add_argument("--cpu-nodes", action="store_true",
                    help="the nodes have no GPUs: request none and run --gpus-per-node processes over gloo "
@@ -85,6 +88,14 @@ def build_spec(args) -> JobSpec:
         if value <= 0:
             raise ConfigError(f"{flag} must be positive, got {value}")
     cfg = load_config(args.config, args.overrides)
+    init_from = None
+    if args.init_from:
+        from lcl_megatron.training.checkpoint import resolve_checkpoint
+
+        try:
+            init_from = str(resolve_checkpoint(os.path.abspath(args.init_from)))
+        except FileNotFoundError as e:
+            raise ConfigError(f"--init-from: {e}") from None
     check_layout(cfg.parallel, args.nodes * args.gpus_per_node)
     env = {}
     for item in args.env:
@@ -100,7 +111,8 @@ def build_spec(args) -> JobSpec:
     return JobSpec(
         python=sys.executable, workdir=os.getcwd(), config=os.path.abspath(args.config),
         run_dir=os.path.abspath(cfg.run_dir), job_name=args.job_name or cfg.run.name, nodes=args.nodes,
-        procs_per_node=args.gpus_per_node, gpus=gpus, overrides=list(args.overrides), time=args.time,
+        procs_per_node=args.gpus_per_node, gpus=gpus, overrides=list(args.overrides), init_from=init_from,
+        time=args.time,
         partition=args.partition, account=args.account, cpus_per_task=args.cpus_per_task,
         warning_s=args.warning, max_restarts=args.max_restarts, rdzv_timeout_s=args.rdzv_timeout,
         shutdown_timeout_s=args.shutdown_timeout, env=env, sbatch_options=list(args.sbatch))

@@ -11,6 +11,7 @@ import warnings
 # megatron-core warns at import that optional GPU extensions are absent; on CPU that is expected.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 warnings.filterwarnings("ignore", message=".*(APEX|Apex|apex).*not (installed|found|available).*")
+warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
 
 COMMANDS = {
     ("train",): "lcl_megatron.training.train:main",

@@ -82,6 +82,8 @@ class DataConfig:
     img_first_prob: float = 0.5  # pairs: image before caption with this probability
     min_similarity: float = 0.24  # MMC4: drop images matched below this
     max_images: int = 6  # MMC4: images kept per document
+    packing: bool = False  # several samples per row, attention confined to each (batches gain position_ids, cu_seqlens)
+    pack_open_rows: int = 8  # packing: rows filled at a time (first fit); more rows, fuller rows
 
 
 @dataclass
@@ -114,6 +116,7 @@ class TrainConfig:
     micro_batch_size: int = 8
     grad_accumulation: int = 1
     precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 master weights and loss)
+    exit_interval: int = 0  # stop with a checkpoint after this many steps in this process (0: run to train.steps)
 
 
 @dataclass
@@ -262,12 +265,6 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    from lcl_megatron.utils import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
 # ---------------------------------------------------------------- checking
 
 
@@ -330,7 +327,8 @@ def _has_weight(entry: str) -> bool:
         return False
 
 
-def validate_config(cfg: Config) -> None:
+def validate_config(cfg: Config, check_data: bool = True) -> None:
+    """Every check of user input; `check_data=False` skips the data paths (planning a run elsewhere)."""
     validate_model(cfg.model)
     o, s, t, p = cfg.optim, cfg.schedule, cfg.train, cfg.parallel
     _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
@@ -344,6 +342,7 @@ def validate_config(cfg: Config) -> None:
     _require(t.steps > 0, "train.steps", f"must be positive, got {t.steps}")
     _require(t.micro_batch_size > 0, "train.micro_batch_size", f"must be positive, got {t.micro_batch_size}")
     _require(t.grad_accumulation > 0, "train.grad_accumulation", f"must be positive, got {t.grad_accumulation}")
+    _require(t.exit_interval >= 0, "train.exit_interval", f"must be >= 0, got {t.exit_interval}")
     _require(t.precision in ("fp32", "bf16"), "train.precision", f"must be 'fp32' or 'bf16', got {t.precision!r}")
     _require(cfg.loss.impl in ("torch", "fused"), "loss.impl", f"must be 'torch' or 'fused', got {cfg.loss.impl!r}")
     _require(cfg.loss.generation_weight >= 0, "loss.generation_weight", "must be >= 0")
@@ -358,8 +357,9 @@ def validate_config(cfg: Config) -> None:
              f"needs model.text.context_length ({cfg.model.text.context_length}) divisible by parallel.tp ({p.tp})")
     _require(p.pp <= cfg.model.text.layers, "parallel.pp",
              f"must not exceed model.text.layers ({cfg.model.text.layers}), got {p.pp}")
-    _require(p.pp_first_stage_layers < 0 or p.pp == 1 or p.pp_first_stage_layers <= cfg.model.text.layers,
-             "parallel.pp_first_stage_layers", f"must be at most model.text.layers ({cfg.model.text.layers})")
+    _require(p.pp_first_stage_layers < 0 or p.pp == 1 or p.pp_first_stage_layers <= cfg.model.text.layers - (p.pp - 1),
+             "parallel.pp_first_stage_layers",
+             f"must leave each of the other {p.pp - 1} stages an LM layer (at most {cfg.model.text.layers - p.pp + 1})")
     _require(p.max_images >= 0, "parallel.max_images", "must be >= 0")
     _require(p.timeout_s > 0, "parallel.timeout_s", "must be positive")
     for key, heads in (("model.vision", cfg.model.vision.heads), ("model.text", cfg.model.text.heads),
@@ -371,8 +371,27 @@ def validate_config(cfg: Config) -> None:
     _require(0 <= cfg.data.img_first_prob <= 1, "data.img_first_prob", "must be in [0, 1]")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(cfg.data.split in ("shards", "samples"), "data.split", f"must be 'shards' or 'samples', got {cfg.data.split!r}")
+    _require(cfg.data.pack_open_rows >= 1, "data.pack_open_rows", "must be >= 1")
+    _require(not cfg.data.packing or p.pp == 1, "data.packing", "is not supported with parallel.pp > 1 yet")
+    _require(not cfg.data.packing or cfg.model.text.arch == "clip", "data.packing",
+             "needs model.text.arch=clip (packed rotary positions are not supported yet)")
     _require(len(cfg.data.path) > 0, "data.path", "must name at least one dataset")
+    if not check_data:
+        return
     for i, entry in enumerate(cfg.data.path):
         _check_data_path(entry, f"data.path[{i}]" if len(cfg.data.path) > 1 else "data.path")
     if cfg.data.heldout:
         _check_data_path(cfg.data.heldout, "data.heldout")
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_layout(parallel: ParallelConfig, world_size: int) -> int:
+    """The data-parallel size of `parallel` on `world_size` processes, or ConfigError naming the fix."""
+    model_parallel = parallel.tp * parallel.pp
+    if world_size % model_parallel:
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = "
+                          f"{parallel.tp} x {parallel.pp}; launch a multiple of {model_parallel} processes")
+    return world_size // model_parallel

@@ -15,26 +15,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from lcl_megatron.config import ConfigError, ParallelConfig
+from lcl_megatron.config import ParallelConfig, check_layout
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def check_layout(parallel: ParallelConfig, world_size: int) -> int:
-    """Return the data-parallel size, or raise ConfigError naming the fix."""
-    model_parallel = parallel.tp * parallel.pp
-    if world_size % model_parallel:
-        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = "
-                          f"{parallel.tp} x {parallel.pp}; launch a multiple of {model_parallel} processes")
-    return world_size // model_parallel
 
 
 def init_distributed(parallel: ParallelConfig, timeout_s: float = 600.0) -> None:

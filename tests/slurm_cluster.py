@@ -12,6 +12,7 @@ carries the marker, each by its process id.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -209,8 +210,8 @@ class SlurmCluster:
 
     def job(self, job_id: str) -> dict:
         """`scontrol show job` as a dict (JobState, RestartCnt, ExitCode, ...)."""
-        out = self.run(["scontrol", "show", "job", "-o", job_id]).stdout
-        return dict(field.split("=", 1) for field in out.split() if "=" in field)
+        out = self.run(["scontrol", "show", "job", "-o", job_id]).stdout.strip()
+        return dict(re.findall(r"(\w[\w:/]*)=(.*?)(?= \w[\w:/]*=|$)", out))
 
     def wait_job(self, job_id: str, states: set[str], timeout: float) -> dict:
         deadline = time.monotonic() + timeout

@@ -8,22 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-# torchvision's PyPI wheel needs CUDA torch and fails to import on this CPU install, and transformers
-# imports it whenever it is installed. CLIPVisionModel and the (PIL/numpy) CLIPImageProcessor need
-# none of it: tell transformers it is absent, as on a machine without it.
-import transformers.utils.import_utils as _transformers_imports  # noqa: E402
+from transformers import CLIPImageProcessor, CLIPVisionModel
 
-_transformers_imports._torchvision_available = False
-from transformers import CLIPImageProcessor, CLIPVisionModel  # noqa: E402
-
-from lcl_megatron.config import Config, ModelConfig, TextConfig, VisionConfig, load_config  # noqa: E402
-from lcl_megatron.convert.native import model_tensors  # noqa: E402
-from lcl_megatron.convert.writer import write_checkpoint  # noqa: E402
-from lcl_megatron.data.images import preprocess_image  # noqa: E402
-from lcl_megatron.eval.common import load_for_eval  # noqa: E402
-from lcl_megatron.model.build import build_model  # noqa: E402
-from tests.paths import REPO  # noqa: E402
-from tests.test_convert_openclip import run_cli  # noqa: E402
+from lcl_megatron.config import Config, ModelConfig, TextConfig, VisionConfig, load_config
+from lcl_megatron.convert.native import model_tensors
+from lcl_megatron.convert.writer import write_checkpoint
+from lcl_megatron.data.images import preprocess_image
+from lcl_megatron.eval.common import load_for_eval
+from lcl_megatron.model.build import build_model
+from tests.paths import REPO
+from tests.test_convert_openclip import run_cli
 
 
 def demo_model_config() -> ModelConfig:

@@ -15,14 +15,15 @@ from tests.test_convert_openclip import run_cli
 
 TINY = ["model.embed_dim=32", "model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.width=48",
         "model.vision.layers=1", "model.vision.head_width=16", "model.text.context_length=96", "model.text.width=32",
-        "model.text.heads=2", "model.text.layers=1", "model.pool_heads=2", "train.steps=1", "train.micro_batch_size=2",
-        "data.heldout=", "logging.progress=false", "logging.tensorboard=false"]
+        "model.text.heads=2", "model.text.layers=1", "model.pool_heads=2", "train.steps=2", "train.micro_batch_size=2",
+        "checkpoint.every=1", "data.heldout=", "logging.progress=false", "logging.tensorboard=false"]
 STAGES = (0, 1, 3)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One optimizer step of the same tiny model, seed and data under ZeRO stages 0, 1 and 3."""
+    """Two optimizer steps of the same tiny model, seed and data under ZeRO stages 0, 1 and 3;
+    the checkpoints after step 1."""
     from lcl_megatron import cli
 
     root = tmp_path_factory.mktemp("runs")
@@ -46,7 +47,9 @@ def inspect_json(capsys, path) -> dict:
 def test_inspect_reports_layout_step_parameters_and_shards(capsys, runs):
     expected_tensors = len(expected_tensor_shapes(tiny_model_config()))
     for stage, ckpt in runs.items():
-        info = inspect_json(capsys, ckpt.parent.parent)  # a run directory finds its newest checkpoint
+        newest = inspect_json(capsys, ckpt.parent.parent)  # a run directory finds its newest checkpoint
+        assert newest["checkpoint"] == str(ckpt.parent / "step_00000002") and newest["step"] == 2
+        info = inspect_json(capsys, ckpt)
         assert info["checkpoint"] == str(ckpt) and info["step"] == 1
         assert info["layout"] == {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "zero_stage": stage, "sp": False,
                                   "format": "deepspeed"}
@@ -143,6 +146,24 @@ def test_reshard_to_consolidated_gives_the_same_state_from_every_zero_stage(caps
         for key, value in states[0].items():
             torch.testing.assert_close(states[stage][key], value, rtol=1e-5, atol=1e-9, msg=key)
 
+    # Resharding a consolidated checkpoint again changes nothing; without optimizer state it needs --weights-only.
+    code, _, err = run_cli(capsys, "convert", "reshard", "--checkpoint", tmp_path / "consolidated1", "--layout",
+                           "consolidated", "--out", tmp_path / "again")
+    assert code == 0, err
+    again = (tmp_path / "again" / OPTIMIZER_TENSORS).read_bytes()
+    assert again == (tmp_path / "consolidated1" / OPTIMIZER_TENSORS).read_bytes()
+    (tmp_path / "again" / OPTIMIZER_TENSORS).unlink()
+    (tmp_path / "again" / OPTIMIZER_STATE).unlink()
+    from lcl_megatron.training.checkpoint import read_manifest, write_manifest
+
+    write_manifest(tmp_path / "again", {k: v for k, v in read_manifest(tmp_path / "again").items() if k != "files"})
+    err = _exit_2(capsys, "convert", "reshard", "--checkpoint", tmp_path / "again", "--layout", "consolidated",
+                  "--out", tmp_path / "weights")
+    assert "--weights-only" in err
+    code, _, err = run_cli(capsys, "convert", "reshard", "--checkpoint", tmp_path / "again", "--layout",
+                           "consolidated", "--out", tmp_path / "weights", "--weights-only")
+    assert code == 0 and not (tmp_path / "weights" / OPTIMIZER_TENSORS).exists(), err
+
     # The consolidated checkpoint serves evaluation and export.
     code, _, err = run_cli(capsys, "convert", "to-openclip", "--checkpoint", tmp_path / "consolidated3",
                            "--out", tmp_path / "openclip.pt")
@@ -153,3 +174,37 @@ def test_reshard_refuses_what_it_cannot_write(capsys, runs, tmp_path):
     for layout in ("tp=2,pp=1,dp=1", "dp=2,zero=3", "tp=0", "fast"):
         _exit_2(capsys, "convert", "reshard", "--checkpoint", runs[0], "--layout", layout, "--out", tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_training_continues_from_the_consolidated_checkpoint_on_another_zero_stage(capsys, runs, tmp_path, stage):
+    """Step 1 under ZeRO-0, consolidated, then step 2 under ZeRO `stage`: the loss and the weights
+    equal those of the run that went on under ZeRO-0."""
+    from lcl_megatron.convert.reshard import apply_consolidated_state
+    from lcl_megatron.training.engine import build_engine, build_model, plain_train_step
+    from lcl_megatron.training.train import build_loader
+
+    consolidated = tmp_path / "consolidated"
+    code, _, err = run_cli(capsys, "convert", "reshard", "--checkpoint", runs[0], "--layout", "consolidated",
+                           "--out", consolidated)
+    assert code == 0, err
+    cfg = load_config(consolidated / "config.yaml", [f"parallel.zero_stage={stage}"])
+    engine = build_engine(cfg, build_model(cfg, init_from=consolidated))
+    meta = apply_consolidated_state(engine, consolidated)
+    assert meta["global_steps"] == 1
+    loader = build_loader(cfg, 0, 1)
+    loader.load_state_dict(json.loads((consolidated / "loader_dp00000.json").read_text()))
+    engine.train()
+    metrics = plain_train_step(engine, iter(loader), cfg, 2)
+
+    original = [json.loads(line) for line in (runs[0].parent.parent / "metrics.jsonl").read_text().splitlines()]
+    step2 = next(m for m in original if m["step"] == 2)
+    for key in ("loss", "contrastive_loss", "generation_loss"):
+        assert metrics[key] == pytest.approx(step2[key], rel=1e-4), key
+    assert engine.get_lr()[0] == pytest.approx(step2["lr"], rel=1e-6)
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    after = load_file(runs[0].parent / "step_00000002" / "model.safetensors")
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param) if stage else param.detach()
+        torch.testing.assert_close(full, after[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -123,4 +123,4 @@ def test_concurrent_builds_agree(tmp_path):
     for p in procs:
         p.join(timeout=60)
     assert results[0] == results[1]
-    assert [p.name for p in (tmp_path / "embedded").iterdir()] == ["digits-v1"]
+    assert [p.name for p in (tmp_path / "embedded").iterdir()] == [f"digits-v{embedded.DIGITS_VERSION}"]

@@ -3,7 +3,6 @@
 import io
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +12,10 @@ from lcl_megatron.config import DataConfig
 from lcl_megatron.data.loader import SampleStream, build_train_loader, resolve_shards
 from lcl_megatron.data.shards import read_shard, write_shard
 from lcl_megatron.tokens import EOI_ID, EOT_ID, IMG_ID, PAD_ID, SOI_ID, SOT_ID
+from tests.paths import MMC4_DIR
 
 P = 16
-MMC4 = Path(__file__).resolve().parents[2] / "shared/data/mmc4/docs_no_face_shard_151_v3.sample40.jsonl"
+MMC4 = MMC4_DIR / "docs_no_face_shard_151_v3.sample40.jsonl"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -135,7 +135,8 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     for batch in batches:
         check_contract(batch, 1, 96)
     assert [int((b["input_ids"] == SOI_ID).sum()) for b in batches] == [1, 1, 1]
-    assert ld.stats == Counter(samples=3, skipped_bad_json=2, skipped_no_image=2, images_corrupt=3,
+    assert ld.stats["tokens_total"] == 3 * 96 and 0 < ld.stats["tokens_real"] < 3 * 96
+    assert +Counter({k: v for k, v in ld.stats.items() if not k.startswith("tokens_")}) == Counter(samples=3, skipped_bad_json=2, skipped_no_image=2, images_corrupt=3,
                                images_missing=1, skipped_unknown_sample=1)
 
 

@@ -117,7 +117,10 @@ def pool_project_files(tensors: dict, cfg: Config) -> tuple[dict, dict]:
 
 def model_card(cfg: Config, manifest: dict, source: Path) -> str:
     v = cfg.model.vision
-    data = ", ".join(cfg.data.path) or "(not recorded)"
+    if manifest.get("format") == "openclip":  # imported weights: our config's data section says nothing of them
+        data = f"not recorded (imported from the OpenCLIP checkpoint {manifest.get('source', '?')})"
+    else:
+        data = ", ".join(cfg.data.path) or "(not recorded)"
     sha = manifest.get("files", {}).get("model.safetensors", {}).get("sha256", "(not recorded)")
     full = cfg.to_dict()
     trained = {k: full[k] for k in ("model", "data", "train", "optim", "schedule", "loss")}

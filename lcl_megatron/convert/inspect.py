@@ -20,7 +20,7 @@ import torch
 
 from lcl_megatron.config import ConfigError
 from lcl_megatron.convert.native import CheckpointMismatch
-from lcl_megatron.training.checkpoint import (COMPLETE, MODEL_FILE, _sha256, read_manifest,
+from lcl_megatron.training.checkpoint import (COMPLETE, MODEL_FILE, sha256_file, read_manifest,
                                               resolve_checkpoint, safe_torch_load)
 
 
@@ -50,7 +50,7 @@ def verify_files(ckpt: Path) -> dict:
             state = "truncated" if size < entry["bytes"] else "longer than recorded"
             raise CheckpointMismatch(f"checkpoint '{ckpt}': shard '{name}' is {state} "
                                      f"({size} bytes, {COMPLETE} says {entry['bytes']})")
-        if _sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise CheckpointMismatch(f"checkpoint '{ckpt}': shard '{name}' does not match its SHA-256 in {COMPLETE}")
     return manifest
 
@@ -61,7 +61,7 @@ def open_checkpoint(path: Path) -> tuple[Path, dict]:
     return ckpt, verify_files(ckpt)
 
 
-def _tensor_stats(obj, prefix: str = "") -> dict:
+def _tensor_stats(obj) -> dict:
     """Tensor count and elements under each top-level key of a loaded torch file."""
     def walk(o):
         if isinstance(o, torch.Tensor):

@@ -9,8 +9,9 @@ under the single-process tensor names: `fp32/NAME`, `exp_avg/NAME`,
 group with their tensor names, the LR scheduler and the engine's counters),
 the source's data-loader states, config.yaml with a single-process layout and
 a COMPLETE manifest. `lcl eval`, `lcl convert to-hf/to-openclip` and
-`lcl train --init-from` read it; a trainer on any layout can take the
-optimizer state from it with DeepSpeed's `safe_set_full_*` API.
+`lcl train --init-from` read it; `apply_consolidated_state` puts its
+optimizer state into a freshly built engine of any ZeRO stage and DP size
+(tp = pp = 1), so training continues there as it would have on the source.
 
 Optimizer state is read from DeepSpeed's own files, without running code:
 ZeRO-0 (torch AdamW state, matched to names by the optimizer's parameter
@@ -161,6 +162,10 @@ def _zero_state(ckpt: Path, stage: int, dp: int, model_states: dict) -> tuple[di
 
 def consolidated_optimizer(ckpt: Path, cfg: Config, world_size: int) -> tuple[dict, dict]:
     """(tensors, metadata) of the checkpoint's optimizer state under single-process names."""
+    if (ckpt / OPTIMIZER_TENSORS).is_file():  # already consolidated
+        from safetensors.torch import load_file
+
+        return load_file(str(ckpt / OPTIMIZER_TENSORS)), json.loads((ckpt / OPTIMIZER_STATE).read_text())
     p = cfg.parallel
     if p.tp > 1 or p.pp > 1:
         raise ReshardError(f"consolidating optimizer state of tp={p.tp}, pp={p.pp} checkpoints is not supported yet; "
@@ -168,7 +173,8 @@ def consolidated_optimizer(ckpt: Path, cfg: Config, world_size: int) -> tuple[di
     dp = world_size // (p.tp * p.pp)
     name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if p.zero_stage == 3 else "mp_rank_00_model_states.pt"
     if not (ckpt / name).is_file():
-        raise CheckpointMismatch(f"checkpoint '{ckpt}' has no DeepSpeed model states '{name}'")
+        raise ReshardError(f"checkpoint '{ckpt}' holds no optimizer state (no DeepSpeed '{name}'); "
+                           "--weights-only writes the consolidated weights")
     model_states = safe_torch_load(ckpt / name)
     if p.zero_stage == 0:
         tensors, meta = _zero0_state(cfg, model_states)
@@ -177,6 +183,75 @@ def consolidated_optimizer(ckpt: Path, cfg: Config, world_size: int) -> tuple[di
     meta.update({k: model_states.get(k) for k in ("global_steps", "global_samples", "skipped_steps", "lr_scheduler")})
     meta["source_layout"] = {"tp": p.tp, "pp": p.pp, "dp": dp, "zero": p.zero_stage}
     return tensors, meta
+
+
+# ---------------------------------------------------------------- loading into an engine of any layout
+
+
+def _init_zero_states(engine, step: int) -> None:
+    """DeepSpeed creates Adam's flat state at the first step; create it now (zeros) and link the
+    per-parameter views DeepSpeed's safe_set_full_* API writes through."""
+    opt = engine.optimizer
+    base = opt.optimizer
+    flats = opt.fp32_partitioned_groups_flat if engine.zero_optimization_stage() == 3 \
+        else opt.single_partition_of_fp32_groups
+    for flat in flats:
+        base.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
+                            "exp_avg_sq": torch.zeros_like(flat)}
+    if engine.zero_optimization_stage() < 3:
+        for lp_group, flat in zip(opt.bit16_groups, flats):
+            for lp in lp_group:
+                if getattr(lp, "_hp_mapping", None) is not None:
+                    lp._hp_mapping.set_optim_state_fragment(flat, base.state[flat])
+        opt._hp_optimizer_states_linked = True
+
+
+def apply_consolidated_state(engine, ckpt: Path) -> dict:
+    """Put a consolidated checkpoint's optimizer state into a freshly built engine (ZeRO 0-3, any DP
+    size, tp = pp = 1), whose module already holds the checkpoint's weights (`--init-from`).
+
+    Returns the optimizer metadata (step counters)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from safetensors.torch import load_file
+
+    if is_pipeline_or_tp(engine):
+        raise ReshardError("loading consolidated optimizer state into tp > 1 or pp > 1 engines is not supported yet")
+    tensors = load_file(str(Path(ckpt) / OPTIMIZER_TENSORS))
+    meta = json.loads((Path(ckpt) / OPTIMIZER_STATE).read_text())
+    step = int(meta["adam_step"])
+    params = dict(engine.module.named_parameters())
+    missing = sorted(set(params) - {k.split("/", 1)[1] for k in tensors if k.startswith("exp_avg/")})
+    if missing:
+        raise CheckpointMismatch(f"optimizer state of '{ckpt}' lacks {', '.join(missing[:8])}")
+    if engine.zero_optimization():
+        _init_zero_states(engine, step)
+        for name, param in params.items():
+            safe_set_full_fp32_param(param, tensors[f"fp32/{name}"])
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(param, tensors[f"{key}/{name}"], key)
+    else:
+        optimizer = engine.optimizer
+        for name, param in params.items():
+            with torch.no_grad():
+                param.copy_(tensors[f"fp32/{name}"])
+            optimizer.state[param] = {"step": torch.tensor(float(step)), **{
+                key: tensors[f"{key}/{name}"].clone() for key in ("exp_avg", "exp_avg_sq")}}
+    if engine.lr_scheduler is not None and meta.get("lr_scheduler"):
+        engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+        # Loading a scheduler's state leaves its optimizer's rates as they were: set them too.
+        for group, lr in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+    engine.global_steps = int(meta.get("global_steps") or 0)
+    engine.global_samples = int(meta.get("global_samples") or 0)
+    engine.skipped_steps = int(meta.get("skipped_steps") or 0)
+    return meta
+
+
+def is_pipeline_or_tp(engine) -> bool:
+    from megatron.core import parallel_state
+
+    return (parallel_state.get_tensor_model_parallel_world_size() > 1
+            or parallel_state.get_pipeline_model_parallel_world_size() > 1)
 
 
 # ---------------------------------------------------------------- writing

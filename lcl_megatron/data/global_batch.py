@@ -20,8 +20,12 @@ def slice_batch(batch: dict, rank: int, size: int) -> dict:
     images_per_row = (batch["input_ids"] == tokens.SOI_ID).sum(dim=1)
     first = int(images_per_row[:lo].sum())
     last = first + int(images_per_row[lo:hi].sum())
-    out = {key: value[lo:hi] for key, value in batch.items() if key != "images"}
+    out = {key: value[lo:hi] for key, value in batch.items() if key not in ("images", "cu_seqlens")}
     out["images"] = batch["images"][first:last]
+    if "cu_seqlens" in batch:  # packed: every row end is a boundary, so the slice's are those in [lo*L, hi*L]
+        length = batch["input_ids"].shape[1]
+        cu = batch["cu_seqlens"]
+        out["cu_seqlens"] = cu[(cu >= lo * length) & (cu <= hi * length)] - lo * length
     return out
 
 

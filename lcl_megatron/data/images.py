@@ -27,20 +27,35 @@ class BadImage(ValueError):
     """An image that cannot be decoded or is unreasonably large."""
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes into an RGB PIL image; raise BadImage on any failure."""
+class ImageTooLarge(BadImage):
+    """An image over the pixel limit (a possible decompression bomb); never decoded."""
+
+
+def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode encoded image bytes fully, in the file's own mode; raise BadImage on any failure."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise BadImage(f"image of {image.width}x{image.height} pixels is over the limit")
+            if image.width * image.height > max_pixels:
+                raise ImageTooLarge(f"image of {image.width}x{image.height} pixels is over the limit of {max_pixels}")
             image.load()
-            return image.convert("RGB")
+            return image
     except BadImage:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLarge(str(e)) from None
     except Exception as e:  # PIL raises many unrelated types for broken files
         raise BadImage(f"cannot decode image: {type(e).__name__}: {e}") from None
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode encoded image bytes into an RGB PIL image; raise BadImage on any failure."""
+    image = open_image(data, max_pixels)
+    try:
+        return image.convert("RGB")
+    except Exception as e:
+        raise BadImage(f"cannot convert {image.mode} image to RGB: {type(e).__name__}: {e}") from None
 
 
 def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:

@@ -17,6 +17,10 @@ buffer mixes samples. Epochs repeat forever. Every random choice comes from
 generators seeded by (seed, epoch, stream) or (seed, epoch, shard, key), so a
 run is reproducible and resuming replays it.
 
+With `data.packing`, several samples share a row (packing.py), and batches
+also carry `position_ids` and `cu_seqlens`. `loader.stats` counts
+`tokens_real` and `tokens_total` (token utilisation = their ratio).
+
 Bad input is skipped and counted in `loader.stats`, never raised.
 """
 
@@ -39,6 +43,7 @@ from lcl_megatron.tokens import PAD_ID
 from lcl_megatron.data.documents import Document, Image
 from lcl_megatron.data.embedded import CLASS_PROMPTS_FILE, HELDOUT_SHARD, corpus_index, ensure_corpus
 from lcl_megatron.data.images import BadImage, load_image
+from lcl_megatron.data.packing import RowPacker, collate_packed
 from lcl_megatron.data.sequences import (encode_document, encode_pair, parse_mmc4, place_mmc4_images,
                                          select_mmc4_images)
 from lcl_megatron.data.shards import ShardError, read_shard
@@ -231,8 +236,9 @@ class BatchStream(torch.utils.data.IterableDataset):
 
     def __init__(self, datasets: list[tuple[list[str], float]], settings: SampleSettings, *,
                  micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int, seed: int,
-                 shuffle_buffer: int, tokenizer=None):
+                 shuffle_buffer: int, tokenizer=None, packing: bool = False, pack_open_rows: int = 8):
         super().__init__()
+        self.packing, self.pack_open_rows = packing, pack_open_rows
         self.datasets, self.settings, self.micro_batch_size = datasets, settings, micro_batch_size
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, max(1, num_workers)
         self.seed, self.shuffle_buffer, self.tokenizer = seed, shuffle_buffer, tokenizer
@@ -246,12 +252,16 @@ class BatchStream(torch.utils.data.IterableDataset):
             from lcl_megatron.tokenizer import get_tokenizer
             tokenizer = get_tokenizer()
         stats: Counter = Counter()
+        L, B = self.settings.context_length, self.micro_batch_size
+        # the shortest sequence: <start_of_text> + an image run
+        packer = RowPacker(L, self.pack_open_rows, self.settings.num_image_tokens + 3) if self.packing else None
         rows = []
         skipped_in_a_row = 0
         for dataset, (epoch, shard, sample) in self._mixed_samples(stream_id, stats):
             rng = random.Random(derive_seed(self.seed, "sample", dataset, epoch, shard, sample["__key__"]))
             try:
-                rows.append(sample_to_row(sample, rng, tokenizer, self.settings, stats))
+                row = sample_to_row(sample, rng, tokenizer, self.settings, stats)
+                rows.extend(packer.add(row) if packer is not None else [row])
                 stats["samples"] += 1
                 skipped_in_a_row = 0
             except _Skip as skip:
@@ -261,11 +271,13 @@ class BatchStream(torch.utils.data.IterableDataset):
                     raise RuntimeError(f"{skipped_in_a_row} samples in a row were unusable "
                                        f"({dict(stats)}); check data.path") from None
                 continue
-            if len(rows) == self.micro_batch_size:
-                batch = collate(rows, self.settings.context_length, self.settings.image_size)
+            while len(rows) >= B:
+                batch = (collate_packed if packer is not None else collate)(rows[:B], L, self.settings.image_size)
+                rows = rows[B:]
+                stats["tokens_real"] += int(batch["attention_mask"].sum())
+                stats["tokens_total"] += B * L
                 counts = Counter(stats)
                 stats.clear()  # the same object keeps counting inside the stream
-                rows = []
                 yield batch, counts
 
 
@@ -326,6 +338,8 @@ def build_train_loader(data_cfg, *, image_size: int, num_image_tokens: int, cont
     """The training loader of one DP rank for `data_cfg` (a config.DataConfig)."""
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} is not in [0, {dp_size})")
+    if data_cfg.pack_open_rows < 1:
+        raise ValueError(f"data.pack_open_rows must be at least 1, got {data_cfg.pack_open_rows}")
     if context_length < num_image_tokens + 4:
         raise ValueError(f"context_length {context_length} cannot hold an image run of {num_image_tokens + 2} tokens")
     datasets = []
@@ -337,7 +351,8 @@ def build_train_loader(data_cfg, *, image_size: int, num_image_tokens: int, cont
                               min_similarity=data_cfg.min_similarity, max_images=data_cfg.max_images)
     dataset = BatchStream(datasets, settings, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                           num_workers=data_cfg.num_workers, seed=seed,
-                          shuffle_buffer=max(1, data_cfg.shuffle_buffer), tokenizer=tokenizer)
+                          shuffle_buffer=max(1, data_cfg.shuffle_buffer), tokenizer=tokenizer,
+                          packing=data_cfg.packing, pack_open_rows=data_cfg.pack_open_rows)
     return TrainLoader(dataset, data_cfg.num_workers)
 
 

@@ -17,6 +17,12 @@ from typing import Iterable, Iterator
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """Tar member name -> (sample key, extension), or None when it has no extension."""
+    match = _KEY_EXT.match(name)
+    return match.groups() if match else None
+
+
 def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
     """Write samples (key, {extension: bytes}) into a tar whose bytes depend only on the samples."""
     count = 0

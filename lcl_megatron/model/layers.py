@@ -27,9 +27,17 @@ from lcl_megatron.model.sequence_parallel import SequenceParallelColumnLinear, S
 
 def transformer_config(*, width: int, heads: int, layers: int, ffn_hidden_size: int, arch: str,
                        tp: int = 1, sp: bool = False, dtype: torch.dtype = torch.float32,
-                       num_query_groups: int | None = None, init_std: float = 0.02) -> TransformerConfig:
-    """A TransformerConfig for CPU or GPU with the fusions that need CUDA extensions turned off."""
+                       num_query_groups: int | None = None) -> TransformerConfig:
+    """A TransformerConfig for CPU or GPU with the fusions that need CUDA extensions turned off.
+
+    Weights start as OpenCLIP's text transformer does: input projections with
+    std width^-0.5, output projections with std width^-0.5 (2 layers)^-0.5
+    (megatron's default of 0.02 leaves the blocks near identity, and the
+    context features of different texts nearly equal at the start).
+    """
     llama = arch == "llama"
+    input_std = width ** -0.5
+    output_std = input_std * (2 * layers) ** -0.5
     config = TransformerConfig(
         num_layers=layers,
         hidden_size=width,
@@ -49,8 +57,11 @@ def transformer_config(*, width: int, heads: int, layers: int, ffn_hidden_size: 
         sequence_parallel=False,  # megatron's own SP path needs CUDA; see sequence_parallel.py
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        init_method_std=init_std,
+        # Master weights are initialised whole on the CPU and then split, so every layout
+        # starts from the same weights (DeepSpeed moves the model to the GPU afterwards).
+        use_cpu_initialization=True,
+        init_method=lambda w: torch.nn.init.normal_(w, std=input_std),
+        output_layer_init_method=lambda w: torch.nn.init.normal_(w, std=output_std),
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,

@@ -66,7 +66,7 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
         return safe_torch_load(path, map_location=map_location)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -78,7 +78,7 @@ def write_manifest(ckpt_dir: Path, meta: dict) -> None:
     files = {}
     for path in sorted(ckpt_dir.rglob("*")):
         if path.is_file() and path.name != COMPLETE and not path.name.endswith(".tmp"):
-            files[str(path.relative_to(ckpt_dir))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            files[str(path.relative_to(ckpt_dir))] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     atomic_write_text(ckpt_dir / COMPLETE, json.dumps({**meta, "files": files}, indent=1))
 
 

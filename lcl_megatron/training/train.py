@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 
-from lcl_megatron.config import Config, ConfigError, load_config
-from lcl_megatron.parallel import check_layout, world_size_from_env
+from lcl_megatron.config import Config, ConfigError, check_layout, load_config, world_size_from_env
 
 
 def parse_args(argv):
@@ -49,14 +48,14 @@ def main(argv=None) -> int:
     from lcl_megatron.training.engine import TrainingError
 
     try:
-        train(cfg, resume=args.resume, init_from=init_from)
+        result = train(cfg, resume=args.resume, init_from=init_from)
     except CheckpointMismatch as e:
         print(f"lcl train: {e}", file=sys.stderr)
         return 2
     except (TrainingError, PipelineInputError) as e:
         print(f"lcl train: {e}", file=sys.stderr)
         return 1
-    return 0
+    return result["exit_code"]  # non-zero when a signal stopped the run and it was not requeued
 
 
 def build_loader(cfg: Config, dp_rank: int, dp_size: int):
@@ -82,6 +81,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     from lcl_megatron.training.engine import (build_engine, build_model, is_pipeline, pipeline_train_step,
                                               plain_train_step)
     from lcl_megatron.training.metrics import MetricsLogger
+    from lcl_megatron.training.preemption import PreemptionWatcher
     from lcl_megatron.utils import atomic_write_text
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -106,6 +106,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
         if newest is not None:
             step, loader_state = ckpt.load_checkpoint(engine, newest, dp_rank)
             loader.load_state_dict(loader_state)
+            restart_schedule(engine, step, cfg)
             if is_main_process():
                 print(f"lcl train: resumed from {newest} at step {step}", file=sys.stderr)
         elif is_main_process():
@@ -114,33 +115,54 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     log = MetricsLogger(run_dir, enabled=is_main_process(), tensorboard=cfg.logging.tensorboard,
                         progress=cfg.logging.progress, total_steps=cfg.train.steps, start_step=step)
     samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accumulation * dp_size
+    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accumulation * cfg.model.text.context_length
     batches = iter(loader)
     engine.train()
     last = {}
+    # Slurm's warning signal or SIGTERM: finish the step, checkpoint, requeue (training/preemption.py).
+    watcher = PreemptionWatcher()
+    stop_at = min(cfg.train.steps, step + cfg.train.exit_interval) if cfg.train.exit_interval else cfg.train.steps
     try:
-        while step < cfg.train.steps:
+        while step < stop_at:
             start = time.perf_counter()
             metrics = train_step(engine, batches, cfg, step + 1)
             step += 1
             elapsed = time.perf_counter() - start
             log.advance()
-            if step % cfg.logging.every == 0 or step == cfg.train.steps:
+            if step % cfg.logging.every == 0 or step == stop_at:
                 last = {"step": step, "loss": metrics["loss"], "contrastive_loss": metrics["contrastive_loss"],
                         "generation_loss": metrics["generation_loss"], "lr": engine.get_lr()[0],
                         "grad_norm": metrics["grad_norm"], "logit_scale": metrics["logit_scale"],
                         "samples_per_s": samples_per_step / elapsed,
-                        "tokens_per_s": metrics["tokens"] * dp_size / elapsed}
+                        "tokens_per_s": metrics["tokens"] * dp_size / elapsed,
+                        "token_utilisation": metrics["tokens"] / tokens_per_step}
                 log.log(last)
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
+            if watcher.stop_requested():  # collective: every rank leaves after the same step
+                break
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < stop_at:
                 save(step)
         final = save(step)
-        if cfg.data.heldout:
+        if cfg.data.heldout and step == cfg.train.steps:
             last["zeroshot_top1"] = evaluate_final(model, engine, final, cfg, log, step)
     finally:
         log.close()
     if is_main_process():
         print(f"checkpoint: {final}")
+    last["exit_code"] = watcher.after_final_checkpoint()
     return last
+
+
+def restart_schedule(engine, step: int, cfg: Config) -> None:
+    """Continue the schedule of *this* config from `step`: a resumed run may change
+    train.steps (to extend a run), and the restored optimizer holds the old run's rate."""
+    from lcl_megatron.training.optim import lr_at
+
+    lr = lr_at(step, cfg)
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    scheduler = engine.lr_scheduler
+    scheduler.last_epoch = step
+    scheduler._last_lr = [lr] * len(scheduler.base_lrs)
 
 
 def evaluate_final(model, engine, final: Path, cfg: Config, log, step: int) -> float:
