@@ -366,7 +366,7 @@ def main(argv: list[str]) -> int:
         result = measure_memory(case, impl) if what == "memory" else measure_time(case, impl, int(repeats))
         print(json.dumps(result))
         return 0
-    repeats = args.repeats or (3 if args.quick else 2)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 2)
     if repeats < 1:
         print("lcl bench kernels: --repeats must be at least 1", file=sys.stderr)
         return 2

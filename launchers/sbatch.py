@@ -51,8 +51,12 @@ class JobSpec:
         return self.run_dir.replace("%", "%%") + "/logs/slurm-%j.out"
 
     @property
-    def omp_threads(self) -> int:
-        return max(1, (self.cpus_per_task or self.procs_per_node) // self.procs_per_node)
+    def omp_threads(self) -> str:
+        """Threads per training process: the node's CPUs (Slurm's count at run time, unless given) per process."""
+        if self.cpus_per_task:
+            return str(max(1, self.cpus_per_task // self.procs_per_node))
+        cpus = "${SLURM_CPUS_ON_NODE:-1}"
+        return f"$(( {cpus} >= PROCS_PER_NODE ? {cpus} / PROCS_PER_NODE : 1 ))"
 
 
 def sbatch_quote(value: str) -> str:
@@ -108,7 +112,7 @@ def settings(spec: JobSpec) -> list[str]:
         f"MAX_RESTARTS={spec.max_restarts}",
         f"RDZV_TIMEOUT={spec.rdzv_timeout_s}",
         f"SHUTDOWN_TIMEOUT={spec.shutdown_timeout_s}",
-        f"export OMP_NUM_THREADS={spec.omp_threads}",
+        f"export OMP_NUM_THREADS={spec.omp_threads}  # CPU threads per training process",
         "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1  # a failed or timed-out NCCL collective ends the process",
         "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}",
         "# export NCCL_SOCKET_IFNAME=ib0  # network interface NCCL bootstraps over",

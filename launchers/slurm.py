@@ -108,14 +108,19 @@ def build_spec(args) -> JobSpec:
         print(f"lcl launch slurm: no GPUs in the partition; {args.gpus_per_node} process(es) per node over gloo",
               file=sys.stderr)
         gpus = False
+    # run.dir reaches the job as LCL_RUN_DIR (absolute), so it is left out of the overrides.
     return JobSpec(
         python=sys.executable, workdir=os.getcwd(), config=os.path.abspath(args.config),
         run_dir=os.path.abspath(cfg.run_dir), job_name=args.job_name or cfg.run.name, nodes=args.nodes,
-        procs_per_node=args.gpus_per_node, gpus=gpus, overrides=list(args.overrides), init_from=init_from,
+        procs_per_node=args.gpus_per_node, gpus=gpus, overrides=[o for o in args.overrides if not o.strip().startswith("run.dir=")], init_from=init_from,
         time=args.time,
         partition=args.partition, account=args.account, cpus_per_task=args.cpus_per_task,
         warning_s=args.warning, max_restarts=args.max_restarts, rdzv_timeout_s=args.rdzv_timeout,
         shutdown_timeout_s=args.shutdown_timeout, env=env, sbatch_options=list(args.sbatch))
+
+
+class SubmitError(RuntimeError):
+    """sbatch refused the job: one line, exit code 1."""
 
 
 def submit(script: Path, dependency: str | None = None) -> str:
@@ -125,10 +130,6 @@ def submit(script: Path, dependency: str | None = None) -> str:
     if proc.returncode != 0:
         raise SubmitError(f"sbatch failed: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout.strip().split(";")[0]
-
-
-class SubmitError(RuntimeError):
-    """sbatch refused the job: one line, exit code 1."""
 
 
 def record(run_dir: Path, entry: dict) -> None:
@@ -142,6 +143,9 @@ def main(argv=None) -> int:
     from lcl_megatron.utils import atomic_write_text
 
     args = parse_args(argv)
+    if not args.dry_run and shutil.which("sbatch") is None:
+        print("lcl launch slurm: sbatch not found; run on a Slurm login node (or use --dry-run)", file=sys.stderr)
+        return 2
     try:
         spec = build_spec(args)
         text = render(spec)
@@ -151,9 +155,6 @@ def main(argv=None) -> int:
     if args.dry_run:
         sys.stdout.write(text)
         return 0
-    if shutil.which("sbatch") is None:
-        print("lcl launch slurm: sbatch not found; run on a Slurm login node (or use --dry-run)", file=sys.stderr)
-        return 2
     run_dir = Path(spec.run_dir)
     for sub in ("slurm", "logs"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)  # Slurm opens the output file before the job runs
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
     atomic_write_text(script, text)
     previous = None
     try:
-        for link in range(args.chain):
+        for _ in range(args.chain):
             job_id = submit(script, previous)
             record(run_dir, {"job_id": job_id, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
                              "script": str(script), "after": previous, "nodes": spec.nodes,

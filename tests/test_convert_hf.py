@@ -84,7 +84,7 @@ def test_transformers_computes_our_patch_features(capsys, tmp_path, which):
         # LLaVA-style towers read hidden states straight from the model: the same blocks' outputs.
         assert vit(pixel_values=pixels, output_hidden_states=True).hidden_states[-1].shape[1] == expected.shape[1] + 1
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-        pool = loader.LCLPoolProject.from_pretrained(hfdir)
+        pool = loader.AttentivePoolProject.from_pretrained(hfdir)
         for theirs, ours_out in zip(pool(got), model.pool_project(expected)):
             torch.testing.assert_close(theirs, ours_out, atol=1e-5, rtol=0)
 

@@ -19,7 +19,7 @@ from tests.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 
-STEPS, EVERY = 24, 8
+STEPS, EVERY = 32, 8
 TINY = [
     "model.embed_dim=32", "model.pool_heads=4", "model.vision.image_size=24", "model.vision.patch_size=8",
     "model.vision.width=32", "model.vision.layers=2", "model.vision.head_width=8",
@@ -28,6 +28,8 @@ TINY = [
     "logging.tensorboard=false", f"train.steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=2",
     "parallel.timeout_s=60",
 ]
+# Generous: on a shared 2-core machine one start of the job can take minutes. They only bound a hang.
+START_S, FINISH_S = 300, 420
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
@@ -35,7 +37,7 @@ def launch(cluster, run_dir: Path, *flags: str) -> str:
     """`lcl launch slurm` for 2 nodes x 1 process of the tiny demo; returns the job id."""
     proc = cluster.run([sys.executable, "-m", "lcl_megatron.cli", "launch", "slurm", "--config", "configs/demo.yaml",
                         "--nodes", "2", "--gpus-per-node", "1", "--max-restarts", "1", "--shutdown-timeout", "15",
-                        *flags, f"run.dir={run_dir}", *TINY], cwd=REPO, timeout=180,
+                        *flags, f"run.dir={run_dir}", *TINY], cwd=REPO, timeout=300,
                        env={"OMP_NUM_THREADS": "1"})
     records = [json.loads(line) for line in (run_dir / "slurm" / "jobs.jsonl").read_text().splitlines()]
     assert f"submitted job {records[-1]['job_id']}" in proc.stdout
@@ -47,7 +49,7 @@ def losses_by_step(run_dir: Path) -> dict[int, tuple]:
     return {r["step"]: (r["loss"], r["generation_loss"], r["contrastive_loss"]) for r in read_metrics(run_dir)}
 
 
-def wait_for_step(cluster, job_id: str, run_dir: Path, step: int, timeout: float = 150) -> None:
+def wait_for_step(cluster, job_id: str, run_dir: Path, step: int, timeout: float = START_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         metrics = run_dir / "metrics.jsonl"
@@ -95,7 +97,7 @@ def reference(slurm_cluster, tmp_path_factory):
     """Scenario 1: a 2-node job trains, checkpoints and exits 0. Its losses are the reference."""
     run_dir = tmp_path_factory.mktemp("slurm") / "reference run"
     job_id = launch(slurm_cluster, run_dir)
-    info = slurm_cluster.wait_job(job_id, FINISHED, timeout=240)
+    info = slurm_cluster.wait_job(job_id, FINISHED, timeout=FINISH_S)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), tail(job_output(run_dir))
     return run_dir, job_id, losses_by_step(run_dir)
 
@@ -123,14 +125,14 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, referenc
     job_id = launch(slurm_cluster, run_dir)
     wait_for_step(slurm_cluster, job_id, run_dir, EVERY // 2 + 1)
     slurm_cluster.run(["scancel", "--signal=USR1", job_id])
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + START_S
     while (info := slurm_cluster.job(job_id))["JobState"] != "PENDING" or info.get("Restarts") != "1":
         assert info["JobState"] not in FINISHED, f"job {job_id} ended {info['JobState']} instead of requeueing:\n" \
                                                  + tail(job_output(run_dir))
         assert time.monotonic() < deadline, f"job {job_id} was not requeued:\n{tail(job_output(run_dir))}"
         time.sleep(0.5)
     slurm_cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])  # skip Slurm's requeue hold
-    info = slurm_cluster.wait_job(job_id, FINISHED, timeout=200)
+    info = slurm_cluster.wait_job(job_id, FINISHED, timeout=FINISH_S)
     output = job_output(run_dir)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), tail(output)
     assert "got SIGUSR1" in output and f"requeued Slurm job {job_id}" in output
@@ -148,11 +150,9 @@ def test_killed_rank_restarts_and_resumes(slurm_cluster, reference, tmp_path):
     victims = worker_pids(slurm_cluster, rank=1)
     assert len(victims) == 1, victims
     os.kill(victims[0], signal.SIGKILL)
-    killed_at = time.monotonic()
-    info = slurm_cluster.wait_job(job_id, FINISHED, timeout=200)
+    info = slurm_cluster.wait_job(job_id, FINISHED, timeout=FINISH_S)  # raises if the job hangs
     output = job_output(run_dir)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), tail(output)
-    assert time.monotonic() - killed_at < 200
     assert f"resumed from {run_dir / 'checkpoints'}" in output
     restarted = run_dir / "logs" / f"job{job_id}_restart0"
     assert list(restarted.glob("node*/*/attempt_1/0/stderr.log")), "torchrun did not restart the workers"

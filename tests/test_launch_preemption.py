@@ -64,7 +64,7 @@ def test_close_restores_handlers():
 
 def test_warning_outside_a_batch_job_cannot_requeue(watcher, monkeypatch, tmp_path):
     monkeypatch.setenv("SLURM_JOB_ID", "999999")
-    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-such-slurm.conf"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here
     os.kill(os.getpid(), signal.SIGUSR1)
     assert watcher.stop_requested()
     assert watcher.after_final_checkpoint() == 1  # scontrol requeue failed: said so, exit 1

@@ -72,7 +72,7 @@ def test_values_with_spaces_and_metacharacters_come_back_verbatim(capsys, tmp_pa
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
     values = settings_values(script, tmp_path, '"$LCL_CONFIG"', '"$LCL_RUN_DIR"', '"${LCL_OVERRIDES[@]}"',
                              '"$MY_SETTING"', '"${LCL_TRAIN_ARGS[@]}"')
-    assert values == [str(config), str(run_dir), f"run.dir={run_dir}", f"run.name={NASTY}", NASTY,
+    assert values == [str(config), str(run_dir), f"run.name={NASTY}", NASTY,
                       "--init-from", str(weights)]
     assert not list(tmp_path.rglob("INJECTED"))
     escaped = NASTY.replace("\\", "\\\\").replace('"', '\\"')

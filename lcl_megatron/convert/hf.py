@@ -167,9 +167,9 @@ margin is odd, transformers' crop may sit one pixel from torchvision's.)
 `lcl_pool_project.py` loads it with torch and safetensors only:
 
 ```python
-from lcl_pool_project import LCLPoolProject, patch_features
+from lcl_pool_project import AttentivePoolProject, patch_features
 
-pool = LCLPoolProject.from_pretrained(HFDIR)
+pool = AttentivePoolProject.from_pretrained(HFDIR)
 latent, image_tokens = pool(patch_features(vit, pixel_values))
 ```
 
@@ -190,7 +190,7 @@ def export(ckpt: Path, out: Path) -> Path:
 
     from lcl_megatron.convert.inspect import open_checkpoint
     from lcl_megatron.convert.writer import atomic_directory, read_checkpoint
-    from lcl_megatron.convert import hf_pool_project
+    from lcl_megatron.model import pool_project as hf_pool_project
 
     ckpt, manifest = open_checkpoint(ckpt)
     cfg, tensors = read_checkpoint(ckpt)

@@ -1,45 +1,51 @@
-"""From a training layout to one consolidated checkpoint: `lcl convert reshard`.
+"""Any training layout to any other, through a layout-free training state: `lcl convert reshard`.
 
-    lcl convert reshard --checkpoint DIR --layout consolidated --out DIR [--weights-only]
+    lcl convert reshard --checkpoint DIR --layout tp=N,pp=N,dp=N[,zero=0-3] --out DIR [--weights-only]
+    lcl convert reshard --checkpoint DIR --layout consolidated --out DIR
 
-The output is layout-free: `model.safetensors` (the weights, copied bit for
-bit), `optimizer.safetensors` (AdamW's fp32 master weights and both moments
-under the single-process tensor names: `fp32/NAME`, `exp_avg/NAME`,
-`exp_avg_sq/NAME`), `optimizer.json` (Adam's step, hyper-parameters per
-group with their tensor names, the LR scheduler and the engine's counters),
-the source's data-loader states, config.yaml with a single-process layout and
-a COMPLETE manifest. `lcl eval`, `lcl convert to-hf/to-openclip` and
-`lcl train --init-from` read it; `apply_consolidated_state` puts its
-optimizer state into a freshly built engine of any ZeRO stage and DP size
-(tp = pp = 1), so training continues there as it would have on the source.
+DeepSpeed itself reads the source: the command starts the source's world of
+processes (torchrun; this process for a world of one, convert/reshard_worker.py),
+builds the source engine, loads the checkpoint and asks DeepSpeed for every
+parameter's full fp32 master and Adam moments (ZeRO 0-3, pipeline engine);
+they are gathered over tensor parallelism and named as in the single-process
+model. That canonical training state is written to OUT:
 
-Optimizer state is read from DeepSpeed's own files, without running code:
-ZeRO-0 (torch AdamW state, matched to names by the optimizer's parameter
-groups), ZeRO-1/2 (flat fp32 partitions, split by the recorded parameter
-shapes) and ZeRO-3 (per-parameter partitions), at any data-parallel size with
-tp = pp = 1. Tensor- or pipeline-parallel optimizer state is refused (exit 2)
-unless --weights-only.
+    model.safetensors      the source's consolidated weights (copied)
+    optimizer.safetensors  fp32/NAME, exp_avg/NAME, exp_avg_sq/NAME, canonical names and shapes
+    optimizer.json         Adam's step, the LR scheduler, the engine's step/sample counters
+    loader_dpXXXXX.json    the data position of every target data-parallel rank
+    config.yaml            the source's config with the target layout (global batch kept)
+    COMPLETE               manifest
+
+`lcl train --resume` on a run whose newest checkpoint is OUT loads it into an
+engine of any layout with `load_canonical_state`. `consolidated` is
+tp = pp = dp = 1; eval and the exports read it too.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import math
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 import yaml
 
-from lcl_megatron.config import Config, ConfigError, ParallelConfig
+from lcl_megatron.config import Config, ConfigError, validate_config
 from lcl_megatron.convert.native import CheckpointMismatch, check_tensors
-from lcl_megatron.training.checkpoint import CONFIG_FILE, MODEL_FILE, safe_torch_load, write_manifest
+from lcl_megatron.training.checkpoint import CONFIG_FILE, MODEL_FILE, read_manifest, write_manifest
 
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_STATE = "optimizer.json"
-STATES = ("fp32", "exp_avg", "exp_avg_sq")
+MOMENTS = ("exp_avg", "exp_avg_sq")
+STATES = ("fp32", *MOMENTS)
 
 
 class ReshardError(ValueError):
@@ -47,264 +53,360 @@ class ReshardError(ValueError):
 
 
 def parse_layout(text: str) -> dict:
-    """'consolidated' or 'tp=1,pp=1,dp=1[,zero=N]' -> {'tp':.., 'pp':.., 'dp':.., 'zero':..}."""
+    """'consolidated' or 'tp=N,pp=N,dp=N[,zero=N]' -> {'tp', 'pp', 'dp', 'zero'}; zero None: keep the source's."""
     if text == "consolidated":
         return {"tp": 1, "pp": 1, "dp": 1, "zero": 0}
-    layout = {"tp": 1, "pp": 1, "dp": 1, "zero": 0}
+    layout = {"tp": 1, "pp": 1, "dp": 1, "zero": None}
     for part in text.split(","):
-        key, sep, value = part.partition("=")
-        if not sep or key.strip() not in layout or not value.strip().isdigit() or int(value) < (key != "zero"):
+        key, sep, value = (s.strip() for s in part.partition("="))
+        if not sep or key not in layout or not value.isdigit() or int(value) < (key != "zero"):
             raise ReshardError(f"--layout '{text}': expected 'consolidated' or tp=N,pp=N,dp=N[,zero=0-3]")
-        layout[key.strip()] = int(value)
+        layout[key] = int(value)
     return layout
 
 
-# ---------------------------------------------------------------- reading DeepSpeed's optimizer state
+# ---------------------------------------------------------------- one parameter: local TP shard <-> canonical
 
 
-def _adam_group_meta(group: dict, names: list[str]) -> dict:
-    meta = {k: group[k] for k in ("lr", "betas", "eps", "weight_decay") if k in group}
-    meta["betas"] = list(meta.get("betas", ()))
-    return {**meta, "names": names}
+def _tp():
+    from megatron.core import parallel_state
+
+    return (parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_rank())
 
 
-def _adam_step(state: dict) -> int:
-    steps = {int(s["step"]) for s in state.values() if "step" in s}
+def _local_shape(param) -> torch.Size:
+    return getattr(param, "ds_shape", param.shape)  # ZeRO-3 empties param.shape and keeps it here
+
+
+def _canonical_shape(name: str, param, vocab_size: int) -> tuple:
+    """The same rule as sharding.canonical_shapes, for one parameter."""
+    shape = list(_local_shape(param))
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= _tp()[1]
+        if name.endswith(("token_embedding.weight", "output_layer.weight")):
+            shape[0] = vocab_size
+    return tuple(shape)
+
+
+def _gather_tp(name: str, local: torch.Tensor, param, shape: tuple) -> torch.Tensor:
+    """Collective over the TP group: this rank's shard -> the canonical tensor (as sharding.gather_canonical)."""
+    from lcl_megatron.model.sharding import _is_glu_fc1
+
+    group, tp, _ = _tp()
+    if tp > 1 and getattr(param, "tensor_model_parallel", False):
+        dim = param.partition_dim
+        pieces = [torch.empty_like(local) for _ in range(tp)]
+        dist.all_gather(pieces, local.contiguous(), group=group)
+        if _is_glu_fc1(name, param):
+            halves = [p.chunk(2, dim=dim) for p in pieces]
+            local = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+        else:
+            local = torch.cat(pieces, dim=dim)
+    return local[tuple(slice(0, n) for n in shape)].contiguous()  # crops the vocabulary padding
+
+
+def _shard_tp(name: str, full: torch.Tensor, param) -> torch.Tensor:
+    from lcl_megatron.model.sharding import shard_tensor
+
+    _, tp, rank = _tp()
+    # shard_tensor reads the local shape from .shape, which ZeRO-3 empties: hand it the real one.
+    view = SimpleNamespace(shape=_local_shape(param), partition_dim=getattr(param, "partition_dim", 0),
+                           tensor_model_parallel=getattr(param, "tensor_model_parallel", False),
+                           glu_fc1=getattr(param, "glu_fc1", False))
+    return shard_tensor(name, full, view, tp, rank)
+
+
+def canonical_names(engine) -> dict:
+    """Local parameter name -> single-process name (pipeline stages rename theirs)."""
+    from lcl_megatron.training.engine import is_pipeline
+
+    names = [name for name, _ in engine.module.named_parameters()]
+    if not is_pipeline(engine):
+        return {n: n for n in names}
+    from lcl_megatron.model.pipeline import canonical_name
+
+    layers = {int(name): module for name, module in engine.module.named_children() if name.isdigit()}
+    return {n: canonical_name(n, layers) for n in names}
+
+
+# ---------------------------------------------------------------- DeepSpeed's optimizer state, per parameter
+
+
+def _partitioned(param) -> bool:
+    """DeepSpeed holds this parameter's master and moments in partitions (ZeRO 1-3, bf16 optimizer)."""
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+
+
+def _base_optimizer(engine):
+    return engine.optimizer.optimizer if engine.zero_optimization() else engine.optimizer
+
+
+def _flat_masters(engine) -> list:
+    opt = engine.optimizer
+    return opt.fp32_partitioned_groups_flat if engine.zero_optimization_stage() == 3 \
+        else opt.single_partition_of_fp32_groups
+
+
+def _link_zero_state(engine) -> None:
+    """DeepSpeed creates Adam's flat ZeRO state at the first step and links each parameter's view of it
+    there; create what is missing (zeros) and link the views now, so safe_get/set_full_* reach them."""
+    if not engine.zero_optimization():
+        return
+    base = _base_optimizer(engine)
+    for flat in _flat_masters(engine):
+        if flat not in base.state:
+            base.state[flat] = {"step": torch.tensor(0.0), **{k: torch.zeros_like(flat) for k in MOMENTS}}
+    if engine.zero_optimization_stage() < 3:
+        engine.optimizer._hp_optimizer_states_linked = False  # relink to the tensors present now
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _adam_step(engine) -> int:
+    steps = {int(s["step"]) for s in _base_optimizer(engine).state.values() if "step" in s}
     if len(steps) > 1:
-        raise ReshardError(f"optimizer state has different Adam steps per group: {sorted(steps)}")
+        raise ReshardError(f"the optimizer's parameter groups are at different Adam steps: {sorted(steps)}")
     return steps.pop() if steps else 0
 
 
-def _zero0_state(cfg: Config, model_states: dict) -> tuple[dict, dict]:
-    """torch AdamW's state dict, whose parameters are numbered in parameter-group order."""
-    from lcl_megatron.model.build import build_model
-    from lcl_megatron.training.optim import param_groups
+def _full_local(engine, param, key: str) -> torch.Tensor:
+    """Collective over DP: this TP rank's whole shard of the fp32 master (key 'fp32') or an Adam moment."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    opt = model_states.get("optimizer")
-    if not isinstance(opt, dict) or not {"state", "param_groups"} <= opt.keys():
-        raise ReshardError("ZeRO-0 checkpoint holds no plain AdamW state (bf16 without ZeRO is not supported)")
-    model = build_model(cfg.model, "meta")
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    ordered = [[name_of[id(p)] for p in g["params"]] for g in param_groups(model, cfg.optim.weight_decay)]
-    if [len(g) for g in ordered] != [len(g["params"]) for g in opt["param_groups"]]:
-        raise ReshardError("optimizer parameter groups do not match the model's (different optimizer grouping)")
+    if _partitioned(param):
+        value = safe_get_full_fp32_param(param) if key == "fp32" else safe_get_full_optimizer_state(param, key)
+        return value.detach().float().cpu().reshape(_local_shape(param))
+    if key == "fp32":  # without ZeRO the parameter is its own master
+        return param.detach().float().cpu()
+    state = engine.optimizer.state.get(param, {})
+    return state[key].detach().float().cpu() if key in state else torch.zeros(param.shape)
+
+
+def _set_full_local(engine, param, key: str, value: torch.Tensor, step: int) -> None:
+    """Put this TP rank's whole shard `value` of the master (key 'fp32') or a moment into DeepSpeed's partitions."""
+    from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
+                                 safe_set_local_fp32_param, safe_set_local_optimizer_state)
+
+    if hasattr(param, "ds_id"):
+        # ZeRO-3: piece r of the flat value, padded to equal pieces (DeepSpeed's full setter would
+        # read past the end of the last piece when the size is not a multiple of the DP size).
+        group = param.ds_process_group
+        piece = param.ds_tensor.numel()
+        flat = torch.nn.functional.pad(value.flatten(), (0, piece * dist.get_world_size(group) - value.numel()))
+        local = flat.narrow(0, piece * dist.get_rank(group), piece).to(param.ds_tensor.device)
+        safe_set_local_fp32_param(param, local) if key == "fp32" else safe_set_local_optimizer_state(param, local, key)
+    elif _partitioned(param):
+        value = value.to(param.device)
+        safe_set_full_fp32_param(param, value) if key == "fp32" else safe_set_full_optimizer_state(param, value, key)
+    elif key != "fp32":  # the master is the parameter itself, written with the weights
+        state = engine.optimizer.state.setdefault(param, {"step": torch.tensor(float(step))})
+        state[key] = value.to(param.device, param.dtype).clone()
+
+
+# ---------------------------------------------------------------- save and load
+
+
+def _save_tensors(tensors: dict, path: Path) -> None:
+    from lcl_megatron.training.checkpoint import save_model_file
+
+    save_model_file(tensors, path)  # atomic
+
+
+def save_canonical_state(engine, out_dir: Path, vocab_size: int) -> None:
+    """Collective (every rank of a live engine): write OUT/optimizer.safetensors and OUT/optimizer.json.
+
+    Each pipeline stage's first rank writes its part; rank 0 merges them."""
+    from megatron.core import parallel_state
+
+    out_dir = Path(out_dir)
+    _link_zero_state(engine)
+    names = canonical_names(engine)
     tensors = {}
-    module = model_states["module"]
-    for names, group in zip(ordered, opt["param_groups"]):
-        for name, index in zip(names, group["params"]):
-            state = opt["state"].get(index, {})
-            tensors[f"fp32/{name}"] = module[name].float()
-            for key in ("exp_avg", "exp_avg_sq"):
-                tensors[f"{key}/{name}"] = state[key] if key in state else torch.zeros_like(module[name].float())
-    meta = {"adam_step": _adam_step(opt["state"]),
-            "param_groups": [_adam_group_meta(g, n) for g, n in zip(opt["param_groups"], ordered)]}
-    return tensors, meta
-
-
-def _split_flat(flat: torch.Tensor, shapes: dict, paddings=None) -> dict:
-    """ZeRO-1/2: a group's parameters lie one after another in the merged flat vector."""
-    out, offset = {}, 0
-    for i, (name, shape) in enumerate(shapes.items()):
-        numel = math.prod(shape)
-        if offset + numel > flat.numel():
-            raise ReshardError(f"optimizer partitions are shorter than the recorded parameter shapes (at {name})")
-        out[name] = flat.narrow(0, offset, numel).view(shape).clone()
-        offset += numel + (paddings[i] if paddings else 0)
-    return out
-
-
-def _split_zero3(flats: list[torch.Tensor], shapes: dict) -> dict:
-    """ZeRO-3: each parameter is cut into ceil(numel / dp) pieces, piece r on rank r."""
-    out, offset, ranks = {}, 0, len(flats)
-    for name, shape in shapes.items():
-        numel = math.prod(shape)
-        piece = math.ceil(numel / ranks)
-        if any(offset + piece > f.numel() for f in flats):
-            raise ReshardError(f"optimizer partitions are shorter than the recorded parameter shapes (at {name})")
-        out[name] = torch.cat([f.narrow(0, offset, piece) for f in flats])[:numel].view(shape).clone()
-        offset += piece
-    return out
-
-
-def _zero_state(ckpt: Path, stage: int, dp: int, model_states: dict) -> tuple[dict, dict]:
-    shapes = model_states.get("param_shapes")
-    if not shapes:
-        raise ReshardError("ZeRO checkpoint records no parameter shapes")
-    ranks = []
-    for r in range(dp):
-        path = ckpt / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-        if not path.is_file():
-            raise CheckpointMismatch(f"checkpoint '{ckpt}': optimizer shard '{path.name}' is missing")
-        ranks.append(safe_torch_load(path)["optimizer_state_dict"])
-    if stage == 3:
-        fp32 = [r["fp32_flat_groups"] for r in ranks]
-        base = [r["optimizer_state_dict"] for r in ranks]
-    else:
-        fp32 = [r["single_partition_of_fp32_groups"] for r in ranks]
-        base = [r["base_optimizer_state"] for r in ranks]
-    tensors = {}
-    for g, group_shapes in enumerate(shapes):
-        group_shapes = {n: tuple(s) for n, s in group_shapes.items()}
-        per_state = {"fp32": [f[g] for f in fp32],
-                     **{k: [b["state"][g][k] for b in base] for k in ("exp_avg", "exp_avg_sq")}}
-        for key, parts in per_state.items():
-            if stage == 3:
-                split = _split_zero3(parts, group_shapes)
-            else:
-                paddings = ranks[0].get("param_alignment_paddings")
-                split = _split_flat(torch.cat(parts), group_shapes, paddings[g] if paddings else None)
-            tensors.update({f"{key}/{n}": t for n, t in split.items()})
-    groups = base[0]["param_groups"]
-    meta = {"adam_step": _adam_step(base[0]["state"]),
-            "param_groups": [_adam_group_meta(grp, list(s)) for grp, s in zip(groups, shapes)]}
-    return tensors, meta
-
-
-def consolidated_optimizer(ckpt: Path, cfg: Config, world_size: int) -> tuple[dict, dict]:
-    """(tensors, metadata) of the checkpoint's optimizer state under single-process names."""
-    if (ckpt / OPTIMIZER_TENSORS).is_file():  # already consolidated
+    for name, param in engine.module.named_parameters():
+        shape = _canonical_shape(name, param, vocab_size)
+        for key in STATES:
+            tensors[f"{key}/{names[name]}"] = _gather_tp(name, _full_local(engine, param, key), param, shape)
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    part = out_dir / f"optimizer.stage{stage:03d}.safetensors"
+    if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
+        _save_tensors(tensors, part)
+    meta = {"adam_step": _adam_step(engine), "global_steps": int(engine.global_steps),
+            "global_samples": int(engine.global_samples), "skipped_steps": int(engine.skipped_steps),
+            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}
+    dist.barrier()
+    if dist.get_rank() == 0:
         from safetensors.torch import load_file
 
-        return load_file(str(ckpt / OPTIMIZER_TENSORS)), json.loads((ckpt / OPTIMIZER_STATE).read_text())
-    p = cfg.parallel
-    if p.tp > 1 or p.pp > 1:
-        raise ReshardError(f"consolidating optimizer state of tp={p.tp}, pp={p.pp} checkpoints is not supported yet; "
-                           "--weights-only writes the consolidated weights")
-    dp = world_size // (p.tp * p.pp)
-    name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if p.zero_stage == 3 else "mp_rank_00_model_states.pt"
-    if not (ckpt / name).is_file():
-        raise ReshardError(f"checkpoint '{ckpt}' holds no optimizer state (no DeepSpeed '{name}'); "
-                           "--weights-only writes the consolidated weights")
-    model_states = safe_torch_load(ckpt / name)
-    if p.zero_stage == 0:
-        tensors, meta = _zero0_state(cfg, model_states)
-    else:
-        tensors, meta = _zero_state(ckpt, p.zero_stage, dp, model_states)
-    meta.update({k: model_states.get(k) for k in ("global_steps", "global_samples", "skipped_steps", "lr_scheduler")})
-    meta["source_layout"] = {"tp": p.tp, "pp": p.pp, "dp": dp, "zero": p.zero_stage}
-    return tensors, meta
+        merged = {}
+        for i in range(parallel_state.get_pipeline_model_parallel_world_size()):
+            stage_file = out_dir / f"optimizer.stage{i:03d}.safetensors"
+            merged.update(load_file(str(stage_file)))
+            stage_file.unlink()
+        _save_tensors(merged, out_dir / OPTIMIZER_TENSORS)
+        from lcl_megatron.utils import atomic_write_text
+
+        atomic_write_text(out_dir / OPTIMIZER_STATE, json.dumps(meta, indent=1, default=float))
+    dist.barrier()
 
 
-# ---------------------------------------------------------------- loading into an engine of any layout
-
-
-def _init_zero_states(engine, step: int) -> None:
-    """DeepSpeed creates Adam's flat state at the first step; create it now (zeros) and link the
-    per-parameter views DeepSpeed's safe_set_full_* API writes through."""
-    opt = engine.optimizer
-    base = opt.optimizer
-    flats = opt.fp32_partitioned_groups_flat if engine.zero_optimization_stage() == 3 \
-        else opt.single_partition_of_fp32_groups
-    for flat in flats:
-        base.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
-                            "exp_avg_sq": torch.zeros_like(flat)}
-    if engine.zero_optimization_stage() < 3:
-        for lp_group, flat in zip(opt.bit16_groups, flats):
-            for lp in lp_group:
-                if getattr(lp, "_hp_mapping", None) is not None:
-                    lp._hp_mapping.set_optim_state_fragment(flat, base.state[flat])
-        opt._hp_optimizer_states_linked = True
-
-
-def apply_consolidated_state(engine, ckpt: Path) -> dict:
-    """Put a consolidated checkpoint's optimizer state into a freshly built engine (ZeRO 0-3, any DP
-    size, tp = pp = 1), whose module already holds the checkpoint's weights (`--init-from`).
-
-    Returns the optimizer metadata (step counters)."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+def load_canonical_state(engine, ckpt_dir: Path) -> dict:
+    """Collective: load a canonical checkpoint (weights, fp32 masters, Adam moments, LR scheduler,
+    counters) into a freshly built engine of any layout. Returns optimizer.json plus the checkpoint's
+    `step` (from its manifest)."""
     from safetensors.torch import load_file
 
-    if is_pipeline_or_tp(engine):
-        raise ReshardError("loading consolidated optimizer state into tp > 1 or pp > 1 engines is not supported yet")
-    tensors = load_file(str(Path(ckpt) / OPTIMIZER_TENSORS))
-    meta = json.loads((Path(ckpt) / OPTIMIZER_STATE).read_text())
+    ckpt_dir = Path(ckpt_dir)
+    weights = load_file(str(ckpt_dir / MODEL_FILE))
+    tensors = load_file(str(ckpt_dir / OPTIMIZER_TENSORS))
+    meta = json.loads((ckpt_dir / OPTIMIZER_STATE).read_text())
     step = int(meta["adam_step"])
+    names = canonical_names(engine)
     params = dict(engine.module.named_parameters())
-    missing = sorted(set(params) - {k.split("/", 1)[1] for k in tensors if k.startswith("exp_avg/")})
+    missing = sorted({f"{key}/{names[n]}" for n in params for key in STATES} - tensors.keys()
+                     | {names[n] for n in params} - weights.keys())
     if missing:
-        raise CheckpointMismatch(f"optimizer state of '{ckpt}' lacks {', '.join(missing[:8])}")
-    if engine.zero_optimization():
-        _init_zero_states(engine, step)
-        for name, param in params.items():
-            safe_set_full_fp32_param(param, tensors[f"fp32/{name}"])
-            for key in ("exp_avg", "exp_avg_sq"):
-                safe_set_full_optimizer_state(param, tensors[f"{key}/{name}"], key)
-    else:
-        optimizer = engine.optimizer
-        for name, param in params.items():
-            with torch.no_grad():
-                param.copy_(tensors[f"fp32/{name}"])
-            optimizer.state[param] = {"step": torch.tensor(float(step)), **{
-                key: tensors[f"{key}/{name}"].clone() for key in ("exp_avg", "exp_avg_sq")}}
+        raise CheckpointMismatch(f"checkpoint '{ckpt_dir}' lacks {', '.join(missing[:8])}"
+                                 + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+    _load_weights(engine, {n: _shard_tp(n, weights[names[n]], p) for n, p in params.items()})
+    _link_zero_state(engine)
+    for name, param in params.items():
+        for key in STATES:
+            _set_full_local(engine, param, key, _shard_tp(name, tensors[f"{key}/{names[name]}"], param), step)
+    for state in _base_optimizer(engine).state.values():
+        state["step"] = torch.tensor(float(step))
+    _load_schedule_and_counters(engine, meta)
+    return {**meta, "step": int(read_manifest(ckpt_dir)["step"])}
+
+
+def _load_weights(engine, local: dict) -> None:
+    """The module's weights (ZeRO-3: gathered, written, partitioned again by DeepSpeed)."""
+    import deepspeed
+
+    with torch.no_grad():
+        for name, param in engine.module.named_parameters():
+            value = local[name]
+            if hasattr(param, "ds_id"):
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    param.data.copy_(value.to(param.device, param.dtype))
+            else:  # ZeRO-1/2 parameters are views into DeepSpeed's flat buffers: copy in place
+                param.data.copy_(value.to(param.device, param.dtype))
+
+
+def _load_schedule_and_counters(engine, meta: dict) -> None:
     if engine.lr_scheduler is not None and meta.get("lr_scheduler"):
         engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
-        # Loading a scheduler's state leaves its optimizer's rates as they were: set them too.
+        # A scheduler's state leaves its optimizer's rates as they were: set them too.
         for group, lr in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
             group["lr"] = lr
     engine.global_steps = int(meta.get("global_steps") or 0)
     engine.global_samples = int(meta.get("global_samples") or 0)
     engine.skipped_steps = int(meta.get("skipped_steps") or 0)
-    return meta
 
 
-def is_pipeline_or_tp(engine) -> bool:
-    from megatron.core import parallel_state
-
-    return (parallel_state.get_tensor_model_parallel_world_size() > 1
-            or parallel_state.get_pipeline_model_parallel_world_size() > 1)
+# ---------------------------------------------------------------- the command
 
 
-# ---------------------------------------------------------------- writing
+def target_config(cfg: Config, layout: dict, source_dp: int) -> Config:
+    """The source's config on the target layout, with the same global batch."""
+    out = copy.deepcopy(cfg)
+    p = out.parallel
+    p.tp, p.pp = layout["tp"], layout["pp"]
+    p.zero_stage = cfg.parallel.zero_stage if layout["zero"] is None else layout["zero"]
+    p.sp = cfg.parallel.sp and p.tp > 1
+    global_batch = cfg.train.micro_batch_size * source_dp
+    if global_batch % layout["dp"]:
+        raise ReshardError(f"the global batch of {global_batch} samples per micro-step does not split "
+                           f"over dp={layout['dp']}")
+    out.train.micro_batch_size = global_batch // layout["dp"]
+    try:
+        validate_config(out, check_data=False)
+    except ConfigError as e:
+        raise ReshardError(f"--layout: {e}") from None
+    return out
 
 
-def reshard_to_consolidated(src: Path, out: Path, weights_only: bool = False) -> Path:
-    from safetensors.torch import save_file
+def _write_loader_states(ckpt: Path, out: Path, cfg: Config, source_dp: int, target_dp: int) -> None:
+    states = sorted(ckpt.glob("loader_dp*.json"))
+    if cfg.data.split == "samples":  # every rank reads the same global batches: one position serves all
+        if states:
+            for rank in range(target_dp):
+                shutil.copyfile(states[0], out / f"loader_dp{rank:05d}.json")
+    elif target_dp == source_dp:
+        for state in states:
+            shutil.copyfile(state, out / state.name)
+    else:
+        print(f"lcl convert reshard: note: with data.split=shards the data position of {source_dp} ranks does "
+              f"not carry over to {target_dp}; the new ranks start their shards from the beginning", file=sys.stderr)
 
+
+def _has_deepspeed_state(manifest: dict) -> bool:
+    return any(name.endswith(".pt") for name in manifest["files"])
+
+
+def compute_canonical_state(ckpt: Path, out: Path, world_size: int, timeout_s: float) -> None:
+    """Run the source engine (torchrun of the source's world size) to write the canonical state into `out`."""
+    if world_size == 1:
+        from lcl_megatron.convert.reshard_worker import write_canonical_state
+
+        write_canonical_state(ckpt, out)
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
+           "-m", "lcl_megatron.convert.reshard_worker", str(ckpt), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        lines = [l for l in proc.stderr.splitlines() if l.startswith("lcl convert reshard:")]
+        reason = lines[-1].removeprefix("lcl convert reshard: ") if lines else \
+            (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ReshardError(f"reading '{ckpt}' on {world_size} processes failed (exit {proc.returncode}): {reason}")
+
+
+def reshard(src: Path, out: Path, layout: dict, weights_only: bool = False) -> Path:
     from lcl_megatron.convert.inspect import open_checkpoint
     from lcl_megatron.convert.writer import atomic_directory, read_checkpoint
     from lcl_megatron.model.build import expected_tensor_shapes
 
-    ckpt, manifest = open_checkpoint(src)
-    cfg, _ = read_checkpoint(ckpt)  # config against the consolidated tensors
+    ckpt, manifest = open_checkpoint(src)  # every listed file present, full size, SHA-256
+    cfg, _ = read_checkpoint(ckpt)  # the config against the consolidated tensors
     world = int(manifest.get("world_size", 1))
-    optimizer = None if weights_only else consolidated_optimizer(ckpt, cfg, world)
-    if optimizer is not None:
-        expected = expected_tensor_shapes(cfg.model)
-        for key in STATES:
-            given = {k[len(key) + 1:]: v for k, v in optimizer[0].items() if k.startswith(key + "/")}
-            check_tensors(expected, given, what=f"optimizer state '{key}' of '{ckpt}'")
-    source_layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
-                     "dp": world // (cfg.parallel.tp * cfg.parallel.pp), "zero": cfg.parallel.zero_stage}
-    single = ParallelConfig(activation_checkpointing_vit=cfg.parallel.activation_checkpointing_vit,
-                            activation_checkpointing_lm=cfg.parallel.activation_checkpointing_lm)
-    cfg.parallel = single
+    source_dp = world // (cfg.parallel.tp * cfg.parallel.pp)
+    target = target_config(cfg, layout, source_dp)
+    canonical = (ckpt / OPTIMIZER_TENSORS).is_file()
+    if not weights_only and not canonical and not _has_deepspeed_state(manifest):
+        raise ReshardError(f"checkpoint '{ckpt}' holds no optimizer state; --weights-only writes the weights alone")
     with atomic_directory(out) as tmp:
+        if not weights_only:
+            if canonical:
+                for name in (OPTIMIZER_TENSORS, OPTIMIZER_STATE):
+                    shutil.copyfile(ckpt / name, tmp / name)
+            else:
+                compute_canonical_state(ckpt, tmp, world, cfg.parallel.timeout_s * 4)
+            from safetensors import safe_open
+
+            with safe_open(str(tmp / OPTIMIZER_TENSORS), framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            expected = expected_tensor_shapes(cfg.model)
+            check_tensors({f"{key}/{n}": s for key in STATES for n, s in expected.items()}, shapes,
+                          what=f"optimizer state of '{ckpt}'")
         shutil.copyfile(ckpt / MODEL_FILE, tmp / MODEL_FILE)
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        for loader in sorted(ckpt.glob("loader_dp*.json")):
-            shutil.copyfile(loader, tmp / loader.name)
-        if optimizer is not None:
-            tensors, meta = optimizer
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / OPTIMIZER_TENSORS))
-            (tmp / OPTIMIZER_STATE).write_text(json.dumps(meta, indent=1, default=float))
-        write_manifest(tmp, {"step": manifest.get("step", 0), "world_size": 1, "resharded_from": str(ckpt),
-                             "source_layout": source_layout})
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(target.to_dict(), sort_keys=False))
+        _write_loader_states(ckpt, tmp, cfg, source_dp, layout["dp"])
+        source_layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": source_dp,
+                         "zero": cfg.parallel.zero_stage}
+        write_manifest(tmp, {"step": manifest.get("step", 0), "world_size": layout["tp"] * layout["pp"] * layout["dp"],
+                             "resharded_from": str(ckpt), "source_layout": source_layout})
     return Path(out)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="lcl convert reshard", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
-    p.add_argument("--layout", required=True, help="'consolidated' (or tp=1,pp=1,dp=1)")
+    p.add_argument("--layout", required=True, help="tp=N,pp=N,dp=N[,zero=0-3] or 'consolidated' (tp=pp=dp=1)")
     p.add_argument("--out", required=True, help="output checkpoint directory (replaced atomically)")
     p.add_argument("--weights-only", action="store_true", help="leave out the optimizer state")
     args = p.parse_args(argv)
     try:
-        layout = parse_layout(args.layout)
-        if layout != {"tp": 1, "pp": 1, "dp": 1, "zero": 0}:
-            raise ReshardError(f"--layout '{args.layout}': writing DeepSpeed layouts is not supported yet; "
-                               "reshard to 'consolidated'")
-        out = reshard_to_consolidated(Path(args.checkpoint), Path(args.out), weights_only=args.weights_only)
+        out = reshard(Path(args.checkpoint), Path(args.out), parse_layout(args.layout), args.weights_only)
     except (ConfigError, CheckpointMismatch, ReshardError, FileNotFoundError) as e:
         print(f"lcl convert reshard: {e}", file=sys.stderr)
         return 2

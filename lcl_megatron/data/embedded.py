@@ -31,7 +31,7 @@ from lcl_megatron.data.documents import Document, Image, Text
 from lcl_megatron.data.shards import write_shard
 
 # Bump when the recipe changes: the cache directory is named after it.
-DIGITS_VERSION = 2
+DIGITS_VERSION = 3
 DIGITS_SEED = 20240607
 DIGIT_IMAGE_SIZE = 32  # the 8x8 scans are upscaled 4x
 HELDOUT_FRACTION = 0.2
@@ -61,18 +61,14 @@ AFTER_TEMPLATES = (
     "you can see a {name} written by hand.",
     "it is a {name}.",
 )
-# Lead-ins that announce an image without naming it.
-NEUTRAL_LEAD_INS = ("next:", "another one:", "the following scan:", "one more digit:")
 INTROS = (
     "a page of handwritten digits.",
     "some numbers scanned from paper forms.",
     "digits written by different people.",
     "a small collection of handwritten numbers.",
 )
-# Documents whose text names each digit before its image. Images announced by a
-# neutral lead-in all share one context, which pulls their latents together, so
-# the rest (named after the image) are kept a minority.
-NAMED_BEFORE_FRACTION = 0.8
+# Documents whose text names each digit before its image; the rest name their one image after it.
+NAMED_BEFORE_FRACTION = 0.7
 IMAGES_PER_DOCUMENT = (1, 2, 3, 4)
 IMAGES_PER_DOCUMENT_WEIGHTS = (0.3, 0.3, 0.25, 0.15)
 
@@ -115,20 +111,19 @@ def _before_sentence(label: int, rng: random.Random) -> str:
     return _fill(rng.choice(BEFORE_TEMPLATES[1:]), label)
 
 
-def digit_document(labels: list[int], rng: random.Random) -> Document:
-    """A document about the given digits, image i stored as file "img{i}.png"."""
-    items: list = []
-    if rng.random() < 0.5:
-        items.append(Text(rng.choice(INTROS)))
-    names_before = rng.random() < NAMED_BEFORE_FRACTION
+def digit_document(labels: list[int], named_before: bool, rng: random.Random) -> Document:
+    """A document about the given digits, image i stored as file "img{i}.png".
+
+    Named before: each image follows a sentence naming its digit. Named after:
+    one image opens the document and a sentence names it; an image at the start
+    of a row has no context and takes no part in the contrastive loss, so these
+    documents teach captioning without pairing an image with an unrelated context.
+    """
+    if not named_before:
+        return Document([Image("img0.png"), Text(_fill(rng.choice(AFTER_TEMPLATES), labels[0]))])
+    items: list = [Text(rng.choice(INTROS))] if rng.random() < 0.5 else []
     for i, label in enumerate(labels):
-        image = Image(f"img{i}.png")
-        if names_before:
-            items += [Text(_before_sentence(label, rng)), image]
-        else:
-            if rng.random() < 0.5:
-                items.append(Text(rng.choice(NEUTRAL_LEAD_INS)))
-            items += [image, Text(_fill(rng.choice(AFTER_TEMPLATES), label))]
+        items += [Text(_before_sentence(label, rng)), Image(f"img{i}.png")]
     return Document(items)
 
 
@@ -136,14 +131,15 @@ def _train_samples(pngs: list[bytes], labels: np.ndarray, train: np.ndarray, rng
     """TRAIN_DOCUMENTS samples; scans are drawn from reshuffled passes over the train split."""
     pool: list[int] = []
     for n in range(TRAIN_DOCUMENTS):
-        count = rng.choices(IMAGES_PER_DOCUMENT, IMAGES_PER_DOCUMENT_WEIGHTS)[0]
+        named_before = rng.random() < NAMED_BEFORE_FRACTION
+        count = rng.choices(IMAGES_PER_DOCUMENT, IMAGES_PER_DOCUMENT_WEIGHTS)[0] if named_before else 1
         chosen = []
         for _ in range(count):
             if not pool:
                 pool = [int(i) for i in train]
                 rng.shuffle(pool)
             chosen.append(pool.pop())
-        doc = digit_document([int(labels[i]) for i in chosen], rng)
+        doc = digit_document([int(labels[i]) for i in chosen], named_before, rng)
         files = {"json": doc.to_json().encode()}
         files.update({f"img{k}.png": pngs[i] for k, i in enumerate(chosen)})
         yield f"doc{n:05d}", files

@@ -14,7 +14,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from torch import nn
 
@@ -23,6 +22,7 @@ from lcl_megatron.config import TextConfig
 from lcl_megatron.loss import token_cross_entropy_sum
 from lcl_megatron.model.layers import build_layers, run_layers
 from lcl_megatron.model.norms import build_norm
+from lcl_megatron.model.rotary import RotaryEmbedding
 from lcl_megatron.model.sequence_parallel import gather_from_sequence, scatter_to_sequence
 
 
@@ -104,9 +104,7 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.checkpoint_layers = checkpoint_layers
         self.embedding = TextEmbedding(cfg, tconfig)
-        self.rotary = (RotaryEmbedding(kv_channels=cfg.width // cfg.heads, rotary_percent=1.0,
-                                       rotary_base=cfg.rotary_base, use_cpu_initialization=True)
-                       if cfg.arch == "llama" else None)
+        self.rotary = RotaryEmbedding(cfg.width // cfg.heads, cfg.rotary_base) if cfg.arch == "llama" else None
         self.sequence_parallel = tconfig.lcl_sequence_parallel
         self.layers = build_layers(tconfig, causal=True)
         self.context_head = ContextHead(cfg.width, tconfig)
