@@ -27,16 +27,20 @@ def _free_port() -> int:
 def init_distributed(parallel: ParallelConfig, timeout_s: float = 600.0) -> None:
     """Initialise torch.distributed (gloo on CPU, nccl on GPU) and megatron-core's groups."""
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain `lcl train`: a world of one
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        import deepspeed
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "RANK" not in os.environ:
+            # A plain `lcl train` or an in-process tool: a world of one on a private port,
+            # leaving the environment alone (child processes must not inherit it).
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                    world_size=1, timeout=timeout)
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine insists on it
+        else:  # launched by torchrun / Slurm
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                   verbose=False)
+            deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
     check_layout(parallel, dist.get_world_size())
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tp,

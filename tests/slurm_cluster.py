@@ -12,6 +12,7 @@ carries the marker, each by its process id.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -99,6 +100,7 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 JobRequeue=1
+FirstJobId={first_job_id}
 ReturnToService=2
 KillWait=20
 MinJobAge=600
@@ -128,7 +130,9 @@ class SlurmCluster:
         ctld_port, node_port, _ = _free_ports(3)
         self.conf.write_text(SLURM_CONF.format(
             host=socket.gethostname(), root=self.root, ctld_port=ctld_port, nodes=f"node[1-{len(NODES)}]",
-            node_ports=f"{node_port}-{node_port + len(NODES) - 1}", cpus=os.cpu_count() or 1))
+            node_ports=f"{node_port}-{node_port + len(NODES) - 1}", cpus=os.cpu_count() or 1,
+            # Job ids pick the jobs' rendezvous ports: clusters started side by side must not share them.
+            first_job_id=random.randrange(1000, 19000, 100)))
         self._spawn(["slurmctld", "-D", "-f", str(self.conf)], "slurmctld")
         for node in NODES:
             self._spawn(["slurmd", "-D", "-N", node, "-f", str(self.conf)], f"slurmd.{node}")

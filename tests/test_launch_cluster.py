@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -33,9 +34,9 @@ START_S, FINISH_S = 300, 420
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
-def launch(cluster, run_dir: Path, *flags: str) -> str:
+def launch(cluster, config: Path, run_dir: Path, *flags: str) -> str:
     """`lcl launch slurm` for 2 nodes x 1 process of the tiny demo; returns the job id."""
-    proc = cluster.run([sys.executable, "-m", "lcl_megatron.cli", "launch", "slurm", "--config", "configs/demo.yaml",
+    proc = cluster.run([sys.executable, "-m", "lcl_megatron.cli", "launch", "slurm", "--config", str(config),
                         "--nodes", "2", "--gpus-per-node", "1", "--max-restarts", "1", "--shutdown-timeout", "15",
                         *flags, f"run.dir={run_dir}", *TINY], cwd=REPO, timeout=300,
                        env={"OMP_NUM_THREADS": "1"})
@@ -93,10 +94,19 @@ def worker_pids(cluster, rank: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def reference(slurm_cluster, tmp_path_factory):
+def config(tmp_path_factory) -> Path:
+    """One snapshot of the demo config for every job of the module, in a directory with a space."""
+    path = tmp_path_factory.mktemp("slurm") / "config dir" / "demo.yaml"
+    path.parent.mkdir()
+    shutil.copy(REPO / "configs" / "demo.yaml", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(slurm_cluster, config, tmp_path_factory):
     """Scenario 1: a 2-node job trains, checkpoints and exits 0. Its losses are the reference."""
     run_dir = tmp_path_factory.mktemp("slurm") / "reference run"
-    job_id = launch(slurm_cluster, run_dir)
+    job_id = launch(slurm_cluster, config, run_dir)
     info = slurm_cluster.wait_job(job_id, FINISHED, timeout=FINISH_S)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), tail(job_output(run_dir))
     return run_dir, job_id, losses_by_step(run_dir)
@@ -119,10 +129,10 @@ def test_two_node_job_trains_checkpoints_and_exits_0(reference):
     assert (run_dir / "slurm" / "job.sbatch").read_text().startswith("#!/bin/bash")
 
 
-def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, reference, tmp_path):
+def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, config, reference, tmp_path):
     """Scenario 2: Slurm's warning signal mid-run (what `--signal=USR1@T` sends before the time limit)."""
     run_dir = tmp_path / "requeued run"
-    job_id = launch(slurm_cluster, run_dir)
+    job_id = launch(slurm_cluster, config, run_dir)
     wait_for_step(slurm_cluster, job_id, run_dir, EVERY // 2 + 1)
     slurm_cluster.run(["scancel", "--signal=USR1", job_id])
     deadline = time.monotonic() + START_S
@@ -142,10 +152,10 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, referenc
     assert_same_losses(run_dir, reference[2])
 
 
-def test_killed_rank_restarts_and_resumes(slurm_cluster, reference, tmp_path):
+def test_killed_rank_restarts_and_resumes(slurm_cluster, config, reference, tmp_path):
     """Scenario 3: one rank SIGKILLed after a checkpoint: torchrun restarts both nodes' workers from it."""
     run_dir = tmp_path / "killed run"
-    job_id = launch(slurm_cluster, run_dir)
+    job_id = launch(slurm_cluster, config, run_dir)
     wait_for_step(slurm_cluster, job_id, run_dir, EVERY + 1)
     victims = worker_pids(slurm_cluster, rank=1)
     assert len(victims) == 1, victims
@@ -159,9 +169,9 @@ def test_killed_rank_restarts_and_resumes(slurm_cluster, reference, tmp_path):
     assert_same_losses(run_dir, reference[2])
 
 
-def test_chain_submits_jobs_that_wait_for_each_other(slurm_cluster, tmp_path):
+def test_chain_submits_jobs_that_wait_for_each_other(slurm_cluster, config, tmp_path):
     run_dir = tmp_path / "chained run"
-    launch(slurm_cluster, run_dir, "--chain", "2", "--sbatch=--hold")  # held: checked, never run
+    launch(slurm_cluster, config, run_dir, "--chain", "2", "--sbatch=--hold")  # held: checked, never run
     first, second = [json.loads(line) for line in (run_dir / "slurm" / "jobs.jsonl").read_text().splitlines()]
     try:
         assert second["after"] == first["job_id"]

@@ -1,17 +1,17 @@
 """A micro-batch without any image trains on every layout without hanging (DeepSpeed issue 5792)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from tests.launch import REPO, free_port
 from tests.test_parallel_equivalence import TINY
 
-import os
-import subprocess
-import sys
-
+# The layouts whose collectives an image-less rank could skip: ZeRO-3's parameter gathers,
+# TP/SP all-gathers and reduce-scatters, pipeline sends.
 LAYOUTS = {
-    "dp2_zero0": (2, ["parallel.zero_stage=0"]),
-    "dp2_zero2": (2, ["parallel.zero_stage=2"]),
     "dp2_zero3": (2, ["parallel.zero_stage=3"]),
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
     "pp2_dp2": (4, ["parallel.pp=2", "parallel.zero_stage=1"]),

@@ -4,6 +4,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -59,9 +61,13 @@ def source(tmp_path_factory):
 
 
 def prepare(src: Path, out: Path, *extra) -> dict:
-    rc = mmc4_main(["--docs", str(src / "docs" / "*.jsonl*"), "--images", str(src / "images"), "--out", str(out),
-                    "--workers", "2", "--no-progress", *extra])
-    assert rc == 0
+    """`lcl prepare mmc4` in its own process, as users run it (its workers fork; forking the
+    test process, with the thread pools earlier tests started, could deadlock)."""
+    proc = subprocess.run([sys.executable, "-m", "lcl_megatron.cli", "prepare", "mmc4",
+                           "--docs", str(src / "docs" / "*.jsonl*"), "--images", str(src / "images"),
+                           "--out", str(out), "--workers", "2", "--no-progress", *extra],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "report.json").read_text())
 
 

@@ -139,27 +139,38 @@ def _partitioned(param) -> bool:
 
 
 def _base_optimizer(engine):
-    return engine.optimizer.optimizer if engine.zero_optimization() else engine.optimizer
+    """torch's AdamW: ZeRO and DeepSpeed's bf16 optimizer wrap it, plain fp32 training hands it over as is."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
-def _flat_masters(engine) -> list:
-    opt = engine.optimizer
-    return opt.fp32_partitioned_groups_flat if engine.zero_optimization_stage() == 3 \
-        else opt.single_partition_of_fp32_groups
+def _flat_masters(wrapper) -> list | None:
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        if hasattr(wrapper, attr):  # ZeRO-3, ZeRO-1/2, bf16 optimizer
+            return getattr(wrapper, attr)
+    return None  # per-parameter masters and state: plain fp32, or bf16 without ZeRO
 
 
-def _link_zero_state(engine) -> None:
-    """DeepSpeed creates Adam's flat ZeRO state at the first step and links each parameter's view of it
-    there; create what is missing (zeros) and link the views now, so safe_get/set_full_* reach them."""
-    if not engine.zero_optimization():
+def _link_partitioned_state(engine) -> None:
+    """DeepSpeed creates Adam's flat partitioned state at the first step and links each parameter's view
+    of it there; create what is missing (zeros) and link the views now, so safe_get/set_full_* reach them."""
+    wrapper, base = engine.optimizer, _base_optimizer(engine)
+    flats = _flat_masters(wrapper)
+    if flats is None:
         return
-    base = _base_optimizer(engine)
-    for flat in _flat_masters(engine):
+    for flat in flats:
         if flat not in base.state:
             base.state[flat] = {"step": torch.tensor(0.0), **{k: torch.zeros_like(flat) for k in MOMENTS}}
-    if engine.zero_optimization_stage() < 3:
-        engine.optimizer._hp_optimizer_states_linked = False  # relink to the tensors present now
-        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 and bf16; ZeRO-3 looks state up
+        wrapper._hp_optimizer_states_linked = False  # relink to the tensors present now
+        wrapper._lazy_init_hp_params_optimizer_state()
+
+
+def _unpartitioned_masters(engine) -> dict:
+    """id(parameter) -> its fp32 master where DeepSpeed keeps one per parameter (bf16 without ZeRO);
+    a parameter missing here is its own master."""
+    wrapper = engine.optimizer
+    pairs = zip(getattr(wrapper, "fp16_groups", ()), getattr(wrapper, "fp32_groups", ()))
+    return {id(low): high for lows, highs in pairs for low, high in zip(lows, highs)}
 
 
 def _adam_step(engine) -> int:
@@ -169,20 +180,21 @@ def _adam_step(engine) -> int:
     return steps.pop() if steps else 0
 
 
-def _full_local(engine, param, key: str) -> torch.Tensor:
+def _full_local(engine, masters: dict, param, key: str) -> torch.Tensor:
     """Collective over DP: this TP rank's whole shard of the fp32 master (key 'fp32') or an Adam moment."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if _partitioned(param):
         value = safe_get_full_fp32_param(param) if key == "fp32" else safe_get_full_optimizer_state(param, key)
         return value.detach().float().cpu().reshape(_local_shape(param))
-    if key == "fp32":  # without ZeRO the parameter is its own master
-        return param.detach().float().cpu()
-    state = engine.optimizer.state.get(param, {})
+    master = masters.get(id(param), param)
+    if key == "fp32":
+        return master.detach().float().cpu()
+    state = _base_optimizer(engine).state.get(master, {})
     return state[key].detach().float().cpu() if key in state else torch.zeros(param.shape)
 
 
-def _set_full_local(engine, param, key: str, value: torch.Tensor, step: int) -> None:
+def _set_full_local(engine, masters: dict, param, key: str, value: torch.Tensor, step: int) -> None:
     """Put this TP rank's whole shard `value` of the master (key 'fp32') or a moment into DeepSpeed's partitions."""
     from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
                                  safe_set_local_fp32_param, safe_set_local_optimizer_state)
@@ -198,9 +210,14 @@ def _set_full_local(engine, param, key: str, value: torch.Tensor, step: int) -> 
     elif _partitioned(param):
         value = value.to(param.device)
         safe_set_full_fp32_param(param, value) if key == "fp32" else safe_set_full_optimizer_state(param, value, key)
-    elif key != "fp32":  # the master is the parameter itself, written with the weights
-        state = engine.optimizer.state.setdefault(param, {"step": torch.tensor(float(step))})
-        state[key] = value.to(param.device, param.dtype).clone()
+    else:
+        master = masters.get(id(param), param)
+        if key == "fp32":
+            with torch.no_grad():
+                master.copy_(value)
+        else:
+            state = _base_optimizer(engine).state.setdefault(master, {"step": torch.tensor(float(step))})
+            state[key] = value.to(master.device, master.dtype).clone()
 
 
 # ---------------------------------------------------------------- save and load
@@ -219,13 +236,13 @@ def save_canonical_state(engine, out_dir: Path, vocab_size: int) -> None:
     from megatron.core import parallel_state
 
     out_dir = Path(out_dir)
-    _link_zero_state(engine)
-    names = canonical_names(engine)
+    _link_partitioned_state(engine)
+    names, masters = canonical_names(engine), _unpartitioned_masters(engine)
     tensors = {}
     for name, param in engine.module.named_parameters():
         shape = _canonical_shape(name, param, vocab_size)
         for key in STATES:
-            tensors[f"{key}/{names[name]}"] = _gather_tp(name, _full_local(engine, param, key), param, shape)
+            tensors[f"{key}/{names[name]}"] = _gather_tp(name, _full_local(engine, masters, param, key), param, shape)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     part = out_dir / f"optimizer.stage{stage:03d}.safetensors"
     if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
@@ -268,10 +285,12 @@ def load_canonical_state(engine, ckpt_dir: Path) -> dict:
         raise CheckpointMismatch(f"checkpoint '{ckpt_dir}' lacks {', '.join(missing[:8])}"
                                  + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
     _load_weights(engine, {n: _shard_tp(n, weights[names[n]], p) for n, p in params.items()})
-    _link_zero_state(engine)
+    _link_partitioned_state(engine)
+    masters = _unpartitioned_masters(engine)
     for name, param in params.items():
         for key in STATES:
-            _set_full_local(engine, param, key, _shard_tp(name, tensors[f"{key}/{names[name]}"], param), step)
+            value = _shard_tp(name, tensors[f"{key}/{names[name]}"], param)
+            _set_full_local(engine, masters, param, key, value, step)
     for state in _base_optimizer(engine).state.values():
         state["step"] = torch.tensor(float(step))
     _load_schedule_and_counters(engine, meta)

@@ -86,6 +86,10 @@ def read_manifest(ckpt_dir: Path) -> dict:
     return json.loads((Path(ckpt_dir) / COMPLETE).read_text())
 
 
+def read_step(ckpt_dir: Path) -> int:
+    return int(read_manifest(ckpt_dir)["step"])
+
+
 def is_complete(ckpt_dir: Path) -> bool:
     return (Path(ckpt_dir) / COMPLETE).is_file()
 
@@ -207,7 +211,7 @@ def load_checkpoint(engine, ckpt_dir: Path, dp_rank: int) -> tuple[int, dict]:
     """Restore engine state; returns (step, this DP rank's loader state)."""
     ckpt_dir = Path(ckpt_dir)
     engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
-    step = int(read_manifest(ckpt_dir)["step"])
+    step = read_step(ckpt_dir)
     loader_file = ckpt_dir / f"loader_dp{dp_rank:05d}.json"
     loader_state = json.loads(loader_file.read_text()) if loader_file.exists() else {}
     return step, loader_state

@@ -34,6 +34,9 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         "gradient_clipping": cfg.optim.grad_clip,
         "bf16": {"enabled": t.precision == "bf16"},
         "zero_allow_untested_optimizer": True,
+        # Stages send more than one tensor that needs a gradient (the image latents ride along for
+        # the contrastive loss); DeepSpeed's partitioned pipe tensors carry only the first one.
+        "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }

@@ -78,6 +78,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
 
     from lcl_megatron.parallel import init_distributed, is_main_process
     from lcl_megatron.training import checkpoint as ckpt
+    from lcl_megatron.training.checkpoint import read_step
     from lcl_megatron.training.engine import (build_engine, build_model, is_pipeline, pipeline_train_step,
                                               plain_train_step)
     from lcl_megatron.training.metrics import MetricsLogger
@@ -100,12 +101,27 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     save = lambda step: ckpt.save_checkpoint(engine, ckpt_root, step, config_text=config_text,
                                              loader_state=loader.state_dict(), dp_rank=dp_rank,
                                              keep=cfg.checkpoint.keep, vocab_size=cfg.model.text.vocab_size)
-    step = 0
+    step, newest = 0, None
     if resume:
         newest = ckpt.newest_checkpoint(ckpt_root)
         if newest is not None:
-            step, loader_state = ckpt.load_checkpoint(engine, newest, dp_rank)
-            loader.load_state_dict(loader_state)
+            if (newest / "optimizer.safetensors").is_file():
+                # A layout-free checkpoint (`lcl convert reshard`): weights, optimizer state, schedule
+                # and counters go into this run's engine, whatever its layout.
+                import json
+
+                from lcl_megatron.convert.reshard import load_canonical_state
+
+                step = load_canonical_state(engine, newest)["step"]
+                loader_file = newest / f"loader_dp{dp_rank:05d}.json"
+                loader_state = json.loads(loader_file.read_text()) if loader_file.is_file() else {}
+            else:
+                step, loader_state = ckpt.load_checkpoint(engine, newest, dp_rank)
+            if loader_state:
+                loader.load_state_dict(loader_state)
+            else:
+                print(f"lcl train: {newest} holds no data position for data-parallel rank {dp_rank}; "
+                      "its loader starts from the beginning", file=sys.stderr)
             restart_schedule(engine, step, cfg)
             if is_main_process():
                 print(f"lcl train: resumed from {newest} at step {step}", file=sys.stderr)
@@ -141,7 +157,8 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
                 break
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < stop_at:
                 save(step)
-        final = save(step)
+        # A requeued or chained job that resumes at its end has nothing left to save.
+        final = newest if newest is not None and step == read_step(newest) else save(step)
         if cfg.data.heldout and step == cfg.train.steps:
             last["zeroshot_top1"] = evaluate_final(model, engine, final, cfg, log, step)
     finally:
