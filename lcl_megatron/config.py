@@ -90,7 +90,7 @@ class DataConfig:
 class LossConfig:
     generation_weight: float = 1.0
     contrastive_weight: float = 0.1
-    impl: str = "torch"  # "torch" (plain) or "fused" (kernels/)
+    impl: str = "fused"  # "fused" (kernels/: chunked, never all logits at once) or "torch" (plain)
 
 
 @dataclass

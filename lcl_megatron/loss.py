@@ -17,6 +17,11 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
 
+def _kernel_impl(tensor) -> str | None:
+    """Triton on GPUs; the chunked torch path on CPU (even when tests interpret Triton)."""
+    return None if tensor.is_cuda else "torch"
+
+
 def _group_size(group) -> int:
     return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
 
@@ -79,7 +84,7 @@ def contrastive_loss_sum(image_features, context_features, logit_scale, group=No
         from kernels import contrastive_loss
 
         return contrastive_loss(image_features, context_features, all_image, all_context, logit_scale,
-                                targets, column_valid, reduction="sum")
+                                targets, column_valid, reduction="sum", impl=_kernel_impl(image_features))
     logits_i2t = logit_scale * image_features @ all_context.t()
     logits_t2i = logit_scale * context_features @ all_image.t()
     if column_valid is not None:
@@ -105,10 +110,11 @@ def token_cross_entropy_sum(hidden, output_layer, targets, vocab_size: int, impl
         import kernels
 
         if tp == 1:
-            return kernels.fused_linear_cross_entropy(hidden, weight[:vocab_size], targets, reduction="sum")
+            return kernels.fused_linear_cross_entropy(hidden, weight[:vocab_size], targets, reduction="sum",
+                                                      impl=_kernel_impl(hidden))
         hidden = copy_to_tensor_model_parallel_region(hidden)
         return kernels.vocab_parallel_fused_linear_cross_entropy(
-            hidden, weight[:real_rows], targets, vocab_start, tp_group, reduction="sum")
+            hidden, weight[:real_rows], targets, vocab_start, tp_group, reduction="sum", impl=_kernel_impl(hidden))
     if tp == 1:
         logits = F.linear(hidden, weight[:vocab_size]).float()
         return F.cross_entropy(logits, targets, reduction="sum")

@@ -23,7 +23,8 @@ def run_lcl(args: list[str], nproc: int = 1, timeout: float = 600, check: bool =
     """`lcl ARGS` (nproc == 1) or `torchrun --nproc-per-node N -m lcl_megatron.cli ARGS`."""
     # A process group made inside pytest must not leak its rendezvous into the children.
     inherited = {k: v for k, v in os.environ.items()
-                 if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+                 if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                              "TRITON_INTERPRET")}  # kernel tests interpret Triton; training runs take the CPU path
     env = {**inherited, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     if nproc == 1:
         cmd = LCL + args

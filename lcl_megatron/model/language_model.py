@@ -89,7 +89,7 @@ class LMHead(nn.Module):
     def __init__(self, cfg: TextConfig, tconfig):
         super().__init__()
         self.vocab_size = cfg.vocab_size
-        self.impl = "torch"
+        self.impl = "fused"
         self.norm = build_norm(tconfig, cfg.width)
         self.output_layer = ColumnParallelLinear(
             cfg.width, padded_vocab_size(cfg.vocab_size, tconfig.tensor_model_parallel_size), config=tconfig,

@@ -82,7 +82,7 @@ class LCLModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
         self.max_logit_scale = cfg.max_logit_scale
         self.loss_weights = {"generation_weight": 1.0, "contrastive_weight": 0.1}
-        self.loss_impl = "torch"
+        self.loss_impl = "fused"
         self.to(dtype)
         mark_glu(self)
         install_grad_hooks(self)
