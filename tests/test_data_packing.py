@@ -99,16 +99,10 @@ def test_slicing_a_packed_global_batch_keeps_each_slice_consistent():
 
 
 @pytest.fixture(scope="module")
-def world_of_one(tmp_path_factory):
-    import torch.distributed as dist
-    from megatron.core import parallel_state
+def world_of_one():
+    from lcl_megatron.model.build import ensure_single_process_groups
 
-    store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    yield
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    ensure_single_process_groups()  # shared with other in-process tests of this session
 
 
 def unpack(batch):

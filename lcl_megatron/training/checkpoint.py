@@ -208,9 +208,18 @@ def write_consolidated(engine, ckpt_dir: Path, vocab_size: int) -> None:
 
 
 def load_checkpoint(engine, ckpt_dir: Path, dp_rank: int) -> tuple[int, dict]:
-    """Restore engine state; returns (step, this DP rank's loader state)."""
+    """Restore engine state; returns (step, this DP rank's loader state, {} if it has none).
+
+    A layout-free checkpoint (`lcl convert reshard`, with `optimizer.safetensors`)
+    goes into an engine of any layout; a DeepSpeed one needs the layout it was written with.
+    """
     ckpt_dir = Path(ckpt_dir)
-    engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+    if (ckpt_dir / "optimizer.safetensors").is_file():
+        from lcl_megatron.convert.reshard import load_canonical_state
+
+        load_canonical_state(engine, ckpt_dir)
+    else:
+        engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
     step = read_step(ckpt_dir)
     loader_file = ckpt_dir / f"loader_dp{dp_rank:05d}.json"
     loader_state = json.loads(loader_file.read_text()) if loader_file.exists() else {}

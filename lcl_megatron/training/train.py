@@ -78,7 +78,6 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
 
     from lcl_megatron.parallel import init_distributed, is_main_process
     from lcl_megatron.training import checkpoint as ckpt
-    from lcl_megatron.training.checkpoint import read_step
     from lcl_megatron.training.engine import (build_engine, build_model, is_pipeline, pipeline_train_step,
                                               plain_train_step)
     from lcl_megatron.training.metrics import MetricsLogger
@@ -105,18 +104,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     if resume:
         newest = ckpt.newest_checkpoint(ckpt_root)
         if newest is not None:
-            if (newest / "optimizer.safetensors").is_file():
-                # A layout-free checkpoint (`lcl convert reshard`): weights, optimizer state, schedule
-                # and counters go into this run's engine, whatever its layout.
-                import json
-
-                from lcl_megatron.convert.reshard import load_canonical_state
-
-                step = load_canonical_state(engine, newest)["step"]
-                loader_file = newest / f"loader_dp{dp_rank:05d}.json"
-                loader_state = json.loads(loader_file.read_text()) if loader_file.is_file() else {}
-            else:
-                step, loader_state = ckpt.load_checkpoint(engine, newest, dp_rank)
+            step, loader_state = ckpt.load_checkpoint(engine, newest, dp_rank)
             if loader_state:
                 loader.load_state_dict(loader_state)
             else:
@@ -127,6 +115,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
                 print(f"lcl train: resumed from {newest} at step {step}", file=sys.stderr)
         elif is_main_process():
             print(f"lcl train: no complete checkpoint in {ckpt_root}; starting from scratch", file=sys.stderr)
+    resumed_step = step
 
     log = MetricsLogger(run_dir, enabled=is_main_process(), tensorboard=cfg.logging.tensorboard,
                         progress=cfg.logging.progress, total_steps=cfg.train.steps, start_step=step)
@@ -158,7 +147,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < stop_at:
                 save(step)
         # A requeued or chained job that resumes at its end has nothing left to save.
-        final = newest if newest is not None and step == read_step(newest) else save(step)
+        final = newest if newest is not None and step == resumed_step else save(step)
         if cfg.data.heldout and step == cfg.train.steps:
             last["zeroshot_top1"] = evaluate_final(model, engine, final, cfg, log, step)
     finally:
