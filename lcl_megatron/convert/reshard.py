@@ -80,30 +80,15 @@ def _local_shape(param) -> torch.Size:
 
 
 def _canonical_shape(name: str, param, vocab_size: int) -> tuple:
-    """The same rule as sharding.canonical_shapes, for one parameter."""
-    shape = list(_local_shape(param))
-    if getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= _tp()[1]
-        if name.endswith(("token_embedding.weight", "output_layer.weight")):
-            shape[0] = vocab_size
-    return tuple(shape)
+    from lcl_megatron.model.sharding import canonical_shape
+
+    return canonical_shape(name, _local_shape(param), param, vocab_size)
 
 
 def _gather_tp(name: str, local: torch.Tensor, param, shape: tuple) -> torch.Tensor:
-    """Collective over the TP group: this rank's shard -> the canonical tensor (as sharding.gather_canonical)."""
-    from lcl_megatron.model.sharding import _is_glu_fc1
+    from lcl_megatron.model.sharding import gather_tensor
 
-    group, tp, _ = _tp()
-    if tp > 1 and getattr(param, "tensor_model_parallel", False):
-        dim = param.partition_dim
-        pieces = [torch.empty_like(local) for _ in range(tp)]
-        dist.all_gather(pieces, local.contiguous(), group=group)
-        if _is_glu_fc1(name, param):
-            halves = [p.chunk(2, dim=dim) for p in pieces]
-            local = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
-        else:
-            local = torch.cat(pieces, dim=dim)
-    return local[tuple(slice(0, n) for n in shape)].contiguous()  # crops the vocabulary padding
+    return gather_tensor(name, local, param, shape)
 
 
 def _shard_tp(name: str, full: torch.Tensor, param) -> torch.Tensor:

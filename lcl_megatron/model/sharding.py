@@ -65,40 +65,41 @@ def load_canonical(model: torch.nn.Module, tensors: dict) -> None:
     model.load_state_dict(local, strict=False)
 
 
-def gather_canonical(model: torch.nn.Module, canonical_shapes: dict) -> dict:
-    """Collective over the TP group: this stage's tensors as canonical (unsharded, unpadded) tensors."""
+def canonical_shape(name: str, shape, param, vocab_size: int) -> tuple:
+    """The single-process shape of a tensor whose local (this TP rank's) shape is `shape`."""
+    shape = list(shape)
+    _, tp, _ = _tp()
+    if param is not None and getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= tp
+        if name.endswith(("token_embedding.weight", "output_layer.weight")):
+            shape[0] = vocab_size
+    return tuple(shape)
+
+
+def gather_tensor(name: str, local: torch.Tensor, param, shape: tuple) -> torch.Tensor:
+    """Collective over the TP group: this rank's shard -> the canonical tensor of `shape`."""
     group, tp, _ = _tp()
-    params = dict(model.named_parameters())
-    out = {}
-    for name, tensor in model_tensors(model.state_dict()).items():
-        param = params.get(name)
-        if tp > 1 and param is not None and getattr(param, "tensor_model_parallel", False):
-            dim = param.partition_dim
-            pieces = [torch.empty_like(tensor) for _ in range(tp)]
-            dist.all_gather(pieces, tensor.contiguous(), group=group)
-            if _is_glu_fc1(name, param):
-                halves = [p.chunk(2, dim=dim) for p in pieces]
-                tensor = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
-            else:
-                tensor = torch.cat(pieces, dim=dim)
-        if name in canonical_shapes and tuple(tensor.shape) != tuple(canonical_shapes[name]):
-            tensor = tensor[tuple(slice(0, n) for n in canonical_shapes[name])]
-        out[name] = tensor
-    return out
+    if tp > 1 and param is not None and getattr(param, "tensor_model_parallel", False):
+        dim = param.partition_dim
+        pieces = [torch.empty_like(local) for _ in range(tp)]
+        dist.all_gather(pieces, local.contiguous(), group=group)
+        if _is_glu_fc1(name, param):
+            halves = [p.chunk(2, dim=dim) for p in pieces]
+            local = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+        else:
+            local = torch.cat(pieces, dim=dim)
+    return local[tuple(slice(0, n) for n in shape)].contiguous()  # crops the vocabulary padding
 
 
 def canonical_shapes(model: torch.nn.Module, vocab_size: int) -> dict:
     """Name -> single-process shape of every tensor, from this rank's shards (no communication)."""
-    _, tp, _ = _tp()
     params = dict(model.named_parameters())
-    vocab = vocab_size
-    shapes = {}
-    for name, tensor in model_tensors(model.state_dict()).items():
-        shape = list(tensor.shape)
-        param = params.get(name)
-        if param is not None and getattr(param, "tensor_model_parallel", False):
-            shape[param.partition_dim] *= tp
-            if name.endswith(("token_embedding.weight", "output_layer.weight")):
-                shape[0] = vocab
-        shapes[name] = tuple(shape)
-    return shapes
+    return {name: canonical_shape(name, tensor.shape, params.get(name), vocab_size)
+            for name, tensor in model_tensors(model.state_dict()).items()}
+
+
+def gather_canonical(model: torch.nn.Module, canonical_shapes: dict) -> dict:
+    """Collective over the TP group: this stage's tensors as canonical (unsharded, unpadded) tensors."""
+    params = dict(model.named_parameters())
+    return {name: gather_tensor(name, tensor, params.get(name), canonical_shapes[name])
+            for name, tensor in model_tensors(model.state_dict()).items()}
