@@ -33,7 +33,7 @@ def command(args) -> list[str]:
 
 def main(argv=None) -> int:
     from lcl_megatron.config import ConfigError, load_config
-    from lcl_megatron.parallel import check_layout
+    from lcl_megatron.config import check_layout
 
     args = parse_args(argv)
     try:

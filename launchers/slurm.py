@@ -75,7 +75,7 @@ def partition_has_gpus(partition: str | None) -> bool | None:
 def build_spec(args) -> JobSpec:
     """Check the config and layout (ConfigError on bad input) and describe the job."""
     from lcl_megatron.config import ConfigError, load_config
-    from lcl_megatron.parallel import check_layout
+    from lcl_megatron.config import check_layout
 
     if args.nodes < 1:
         raise ConfigError(f"--nodes must be at least 1, got {args.nodes}")
