@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from lcl_megatron.utils import write_markdown_section
+
 from kernels.contrastive_loss import contrastive_loss, contrastive_loss_reference
 from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
 
@@ -338,19 +340,6 @@ def render_section(table: str, target_lines: list[str], quick: bool) -> str:
     return "\n".join(parts)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the Kernels section of the markdown file, atomically."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lcl bench kernels", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes; print only unless --output is given")
@@ -377,7 +366,7 @@ def main(argv: list[str]) -> int:
     print("\n".join(target_lines))
     output = args.output or (None if args.quick else Path("BENCHMARKS.md"))
     if output is not None and not args.no_write:
-        write_section(output, render_section(table, target_lines, args.quick))
+        write_markdown_section(output, SECTION, render_section(table, target_lines, args.quick))
         print(f"wrote the {SECTION[3:]} section of {output}")
     return 0
 

@@ -20,6 +20,7 @@ from lcl_megatron.tokens import (
     IMG_PLACEHOLDER,
     SPECIAL_TOKEN_IDS,
     START_OF_IMG,
+    VOCAB_SIZE,
     ZEROSHOT_CONTEXT_LENGTH,
 )
 
@@ -308,3 +309,14 @@ def reference_losses(out: dict, generation_weight: float = 1.0, contrastive_weig
 
 def _pair(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
+
+
+# A small model in the reference's config format, for fast tests (image runs of 16 placeholders).
+SMALL_MODEL_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 48, "head_width": 16},
+    "text_cfg": {"context_length": 48, "vocab_size": VOCAB_SIZE, "width": 32, "heads": 4, "layers": 2},
+    "pool_project_cfg": {"pool_proj_type": "attn", "input_dim": 48, "output_dim": 32, "attn_num_heads": 4},
+    "special_token_ids": SPECIAL_TOKEN_IDS,
+}
+SMALL_MODEL_PATCHES = 16  # (32 / 8) ** 2

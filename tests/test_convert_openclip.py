@@ -12,25 +12,17 @@ import pytest
 import torch
 
 from lcl_megatron import cli
-from lcl_megatron.convert.openclip import from_openclip_state_dict, model_config_from_openclip
-from lcl_megatron.model.build import expected_tensor_shapes
 from lcl_megatron.convert.native import check_tensors
-from lcl_megatron.tokens import EOI_ID, EOT_ID, IMG_ID, PAD_ID, SOI_ID, SOT_ID, SPECIAL_TOKEN_IDS, VOCAB_SIZE
+from lcl_megatron.convert.openclip import from_openclip_state_dict, model_config_from_openclip
+from lcl_megatron.data.sequences import image_run as sequence_image_run
+from lcl_megatron.model.build import expected_tensor_shapes
+from lcl_megatron.tokens import EOT_ID, PAD_ID, SOI_ID, SOT_ID
 from tests.paths import LAYOUTS_JSON
-from tests.reference_lcl import ReferenceLCL, reference_losses
-
-SMALL_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 48, "head_width": 16},
-    "text_cfg": {"context_length": 48, "vocab_size": VOCAB_SIZE, "width": 32, "heads": 4, "layers": 2},
-    "pool_project_cfg": {"pool_proj_type": "attn", "input_dim": 48, "output_dim": 32, "attn_num_heads": 4},
-    "special_token_ids": SPECIAL_TOKEN_IDS,
-}
-PATCHES = 16  # (32 / 8) ** 2
+from tests.reference_lcl import SMALL_MODEL_CONFIG, SMALL_MODEL_PATCHES, ReferenceLCL, reference_losses
 
 
 def image_run() -> list[int]:
-    return [SOI_ID] + [IMG_ID] * PATCHES + [EOI_ID]
+    return sequence_image_run(SMALL_MODEL_PATCHES)
 
 
 def reference_batch() -> dict:
@@ -53,7 +45,7 @@ def oracle():
     """The reference model with every tensor randomised (so layout mistakes cannot hide behind
     ones, zeros or symmetric initialisation)."""
     torch.manual_seed(0)
-    model = ReferenceLCL(SMALL_CONFIG).eval()
+    model = ReferenceLCL(SMALL_MODEL_CONFIG).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -64,7 +56,7 @@ def oracle():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, oracle):
     root = tmp_path_factory.mktemp("openclip")
-    (root / "model.json").write_text(json.dumps(SMALL_CONFIG))
+    (root / "model.json").write_text(json.dumps(SMALL_MODEL_CONFIG))
     sd = {k: v.clone() for k, v in oracle.state_dict().items()}
     torch.save(sd, root / "bare.pt")
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, root / "wrapped.pt")
@@ -152,7 +144,7 @@ def test_missing_and_unexpected_tensors_exit_2(capsys, files, oracle, tmp_path):
 
 
 def test_config_that_does_not_match_tensors_exits_2(capsys, files, tmp_path):
-    wrong = json.loads(json.dumps(SMALL_CONFIG))
+    wrong = json.loads(json.dumps(SMALL_MODEL_CONFIG))
     wrong["text_cfg"]["context_length"] = 64
     (tmp_path / "wrong.json").write_text(json.dumps(wrong))
     code, _, err = run_cli(capsys, "convert", "from-openclip", "--checkpoint", files / "bare.pt",

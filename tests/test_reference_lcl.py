@@ -2,29 +2,20 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from lcl_megatron.tokens import EOI_ID, EOT_ID, IMG_ID, PAD_ID, SOI_ID, SOT_ID, SPECIAL_TOKEN_IDS, VOCAB_SIZE
+from lcl_megatron.data.sequences import image_run as sequence_image_run
+from lcl_megatron.tokens import EOT_ID, PAD_ID, SOI_ID, SOT_ID, VOCAB_SIZE
 from tests.paths import LAYOUTS_JSON
-from tests.reference_lcl import ReferenceLCL, contrastive_loss, reference_losses
+from tests.reference_lcl import SMALL_MODEL_CONFIG, SMALL_MODEL_PATCHES, ReferenceLCL, contrastive_loss, reference_losses
 
 LAYOUTS = json.loads(LAYOUTS_JSON.read_text())
 
-TINY_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 48, "head_width": 16},
-    "text_cfg": {"context_length": 48, "vocab_size": VOCAB_SIZE, "width": 32, "heads": 4, "layers": 2},
-    "pool_project_cfg": {"pool_proj_type": "attn", "input_dim": 48, "output_dim": 32, "attn_num_heads": 4},
-    "special_token_ids": SPECIAL_TOKEN_IDS,
-}
-PATCHES = 16  # (32 / 8) ** 2
-
 
 def image_run() -> list[int]:
-    return [SOI_ID] + [IMG_ID] * PATCHES + [EOI_ID]
+    return sequence_image_run(SMALL_MODEL_PATCHES)
 
 
 def padded(rows: list[list[int]]) -> torch.Tensor:
@@ -43,7 +34,7 @@ ROWS = [
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return ReferenceLCL(TINY_CONFIG).eval()
+    return ReferenceLCL(SMALL_MODEL_CONFIG).eval()
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))

@@ -79,18 +79,6 @@ def _local_shape(param) -> torch.Size:
     return getattr(param, "ds_shape", param.shape)  # ZeRO-3 empties param.shape and keeps it here
 
 
-def _canonical_shape(name: str, param, vocab_size: int) -> tuple:
-    from lcl_megatron.model.sharding import canonical_shape
-
-    return canonical_shape(name, _local_shape(param), param, vocab_size)
-
-
-def _gather_tp(name: str, local: torch.Tensor, param, shape: tuple) -> torch.Tensor:
-    from lcl_megatron.model.sharding import gather_tensor
-
-    return gather_tensor(name, local, param, shape)
-
-
 def _shard_tp(name: str, full: torch.Tensor, param) -> torch.Tensor:
     from lcl_megatron.model.sharding import shard_tensor
 
@@ -220,14 +208,16 @@ def save_canonical_state(engine, out_dir: Path, vocab_size: int) -> None:
     Each pipeline stage's first rank writes its part; rank 0 merges them."""
     from megatron.core import parallel_state
 
+    from lcl_megatron.model.sharding import canonical_shape, gather_tensor
+
     out_dir = Path(out_dir)
     _link_partitioned_state(engine)
     names, masters = canonical_names(engine), _unpartitioned_masters(engine)
     tensors = {}
     for name, param in engine.module.named_parameters():
-        shape = _canonical_shape(name, param, vocab_size)
+        shape = canonical_shape(name, _local_shape(param), param, vocab_size)
         for key in STATES:
-            tensors[f"{key}/{names[name]}"] = _gather_tp(name, _full_local(engine, masters, param, key), param, shape)
+            tensors[f"{key}/{names[name]}"] = gather_tensor(name, _full_local(engine, masters, param, key), param, shape)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     part = out_dir / f"optimizer.stage{stage:03d}.safetensors"
     if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:

@@ -43,6 +43,7 @@ from lcl_megatron.data.loader import build_train_loader
 from lcl_megatron.data.sequences import encode_pair
 from lcl_megatron.data.shards import write_shard
 from lcl_megatron.tokens import EOT_ID, IMG_ID, SOI_ID
+from lcl_megatron.utils import write_markdown_section
 
 IMAGE_SIZE, NUM_IMAGE_TOKENS = 224, 49  # ViT-B/32 at 224 px
 PAIR_CONTEXT_REFERENCE, CONTEXT = 128, 2048
@@ -269,21 +270,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_benchmarks(path: Path, section: str) -> None:
-    """Replace the '## Data' section of BENCHMARKS.md (or append it), leaving the others alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.strip() == "## Data"), None)
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        text = "".join(lines[:start]) + section + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -334,5 +320,5 @@ def main(argv: list[str]) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     if args.write:
-        update_benchmarks(Path(args.write), section)
+        write_markdown_section(Path(args.write), "## Data", section)
     return 0

@@ -14,7 +14,6 @@ import multiprocessing
 import os
 import re
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable
@@ -22,6 +21,7 @@ from typing import Callable, Iterable
 
 from lcl_megatron.data.images import MAX_IMAGE_PIXELS, BadImage, ImageTooLarge, open_image
 from lcl_megatron.data.shards import write_shard
+from lcl_megatron.utils import atomic_write
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 REPORTS_DIR = "reports"
@@ -57,6 +57,21 @@ def checked_image(data: bytes, stats: Counter, max_pixels: int = MAX_IMAGE_PIXEL
     return out.getvalue(), "png"
 
 
+def store_image(data: bytes | None, files: dict[str, bytes], stats: Counter, max_pixels: int) -> str | None:
+    """Add an image (None: missing) to a sample's `files` as imgN.EXT; its member name, or None with
+    the reason counted."""
+    if data is None:
+        stats["images_dropped_missing"] += 1
+        return None
+    checked = checked_image(data, stats, max_pixels)
+    if checked is None:
+        return None
+    member = f"img{len(files)}.{checked[1]}"
+    files[member] = checked[0]
+    stats["images_out"] += 1
+    return member
+
+
 def shard_name(path: str, suffixes: tuple[str, ...]) -> str:
     """Input file -> output shard stem: the base name without `suffixes`, in safe characters."""
     base = os.path.basename(path)
@@ -67,26 +82,15 @@ def shard_name(path: str, suffixes: tuple[str, ...]) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", base)
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[Path], object]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_json(path: Path, obj) -> None:
-    _atomic_write_bytes(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, sort_keys=True)))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, sort_keys=True)))
 
 
 def write_output_shard(out_dir: Path, name: str, samples: Iterable[tuple[str, dict[str, bytes]]],
                        stats: Counter) -> None:
     """Write OUT/NAME.tar, then its report OUT/reports/NAME.json (the finished mark)."""
     count = [0]
-    _atomic_write_bytes(out_dir / f"{name}.tar", lambda tmp: count.__setitem__(0, write_shard(tmp, samples)))
+    atomic_write(out_dir / f"{name}.tar", lambda tmp: count.__setitem__(0, write_shard(tmp, samples)))
     write_json(out_dir / REPORTS_DIR / f"{name}.json", {"samples": count[0], "counts": dict(stats)})
 
 

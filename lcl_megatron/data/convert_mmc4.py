@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from lcl_megatron.data.convert_common import checked_image, write_output_shard
+from lcl_megatron.data.convert_common import store_image, write_output_shard
 from lcl_megatron.data.documents import Document, Image, Text
 from lcl_megatron.data.images import MAX_IMAGE_PIXELS
 from lcl_megatron.data.jsonl_lines import read_lines
@@ -121,18 +121,10 @@ def convert_document(raw: dict, folders: list[str], opts: Mmc4Options, rng: rand
             usable.append((index, sim, stored[name]))
             stats["images_out"] += 1
             continue
-        data = _read_image(folders, name)
-        if data is None:
-            stats["images_dropped_missing"] += 1
-            continue
-        checked = checked_image(data, stats, opts.max_pixels)
-        if checked is None:
-            continue
-        member = f"img{len(files)}.{checked[1]}"
-        files[member] = checked[0]
-        stored[name] = member
-        usable.append((index, sim, member))
-        stats["images_out"] += 1
+        member = store_image(_read_image(folders, name), files, stats, opts.max_pixels)
+        if member is not None:
+            stored[name] = member
+            usable.append((index, sim, member))
     if opts.form == "items":
         chosen = _select(usable, rng, opts)
         unchosen = len(usable) - len(chosen)

@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from lcl_megatron.data.convert_common import checked_image, write_output_shard
+from lcl_megatron.data.convert_common import store_image, write_output_shard
 from lcl_megatron.data.documents import Document, Image, Text
 from lcl_megatron.data.images import MAX_IMAGE_PIXELS
 from lcl_megatron.data.shards import split_member_name
@@ -138,17 +138,9 @@ def convert_row(images, texts, store, opts: ObelicsOptions, stats: Counter) -> d
                 items.append(Text(text))
             continue
         stats["images_in"] += 1
-        data = store.get(url) if isinstance(url, str) else None
-        if data is None:
-            stats["images_dropped_missing"] += 1
-            continue
-        checked = checked_image(data, stats, opts.max_pixels)
-        if checked is None:
-            continue
-        name = f"img{len(files)}.{checked[1]}"
-        files[name] = checked[0]
-        items.append(Image(name))
-        stats["images_out"] += 1
+        member = store_image(store.get(url) if isinstance(url, str) else None, files, stats, opts.max_pixels)
+        if member is not None:
+            items.append(Image(member))
     if len(files) < max(1, opts.min_images):
         stats["docs_dropped_no_usable_image"] += 1
         stats["images_out"] -= len(files)

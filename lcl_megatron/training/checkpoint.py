@@ -23,7 +23,7 @@ import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from safetensors.torch import load_file, save_file
 
-from lcl_megatron.utils import atomic_write_text
+from lcl_megatron.utils import atomic_write, atomic_write_text
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -58,9 +58,7 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
     """DeepSpeed's torch engine with atomic saves and weights-only loads."""
 
     def save(self, state_dict, path: str):
-        tmp = f"{path}.tmp"
-        torch.save(state_dict, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.save(state_dict, tmp))
 
     def load(self, path: str, map_location=None):
         return safe_torch_load(path, map_location=map_location)
@@ -134,9 +132,7 @@ def prune(root: Path, keep: int) -> None:
 
 def save_model_file(state_dict: dict, path: Path) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def load_model_file(path: Path) -> dict:
