@@ -134,8 +134,9 @@ def combine_losses(gen_sum, num_tokens, con_sum, num_pairs, *, generation_weight
     counts = _all_reduce_sum(torch.stack([num_tokens, num_pairs]).float(), group)
     total_tokens, total_pairs = counts[0].clamp(min=1), counts[1]
     generation = gen_sum * (world / total_tokens)
-    # Without any image pair in the global batch the term is an exact zero that keeps the graph whole.
-    contrastive = con_sum * (world / total_pairs) if total_pairs > 0 else con_sum * 0.0
+    # Without any image pair in the global batch con_sum is an exact zero that keeps the graph whole;
+    # the clamp keeps its gradient zero too (and no host read decides between the cases).
+    contrastive = con_sum * (world / total_pairs.clamp(min=1))
     loss = generation_weight * generation + contrastive_weight * contrastive
     return {"loss": loss, "generation_loss": generation.detach(), "contrastive_loss": contrastive.detach(),
             "num_tokens": total_tokens, "num_pairs": total_pairs}

@@ -23,18 +23,21 @@ def class_text_features(model, prompts: list[str]) -> torch.Tensor:
     from lcl_megatron.tokenizer import get_tokenizer
 
     ids = zeroshot_text_ids(get_tokenizer()(prompts), model.cfg.text.context_length)
-    return model.text_features(ids)
+    return model.text_features(ids.to(next(model.parameters()).device))
 
 
 @torch.no_grad()
 def zeroshot_top1(model, images: torch.Tensor, labels: torch.Tensor, prompts: list[str], batch_size: int = 256) -> float:
+    """Top-1 of host `images` [N, 3, H, W] against `labels` [N]: batches go to the model's device,
+    and only the final count comes back."""
     text = class_text_features(model, prompts)
-    dtype = next(model.parameters()).dtype
-    correct = 0
+    parameter = next(model.parameters())
+    correct = torch.zeros((), dtype=torch.long, device=parameter.device)
     for start in range(0, images.shape[0], batch_size):
-        feats = model.image_features(images[start:start + batch_size].to(dtype))
-        correct += int(((feats @ text.t()).argmax(-1) == labels[start:start + batch_size]).sum())
-    return correct / max(1, images.shape[0])
+        batch = images[start:start + batch_size].to(parameter.device, parameter.dtype, non_blocking=True)
+        predicted = (model.image_features(batch) @ text.t()).argmax(-1)
+        correct += (predicted == labels[start:start + batch_size].to(parameter.device)).sum()
+    return int(correct.item()) / max(1, images.shape[0])
 
 
 def zeroshot_accuracy(model, cfg: Config, entry: str | None = None) -> float:

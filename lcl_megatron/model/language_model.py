@@ -117,7 +117,7 @@ class LanguageModel(nn.Module):
         if self.rotary is not None and packed_seq_params is not None:
             raise NotImplementedError("packed sequences with rotary positions (arch llama) are not supported yet")
         if self.rotary is not None:
-            kwargs["rotary_pos_emb"] = self.rotary(x.shape[0])
+            kwargs["rotary_pos_emb"] = self.rotary(x.shape[0], x.device)
         if self.sequence_parallel:
             x = scatter_to_sequence(x)
         x = run_layers(self.layers, x, checkpoint=self.checkpoint_layers, **kwargs)

@@ -84,6 +84,8 @@ class LCLModel(nn.Module):
         self.loss_weights = {"generation_weight": 1.0, "contrastive_weight": 0.1}
         self.loss_impl = "fused"
         self.to(dtype)
+        # The temperature stays fp32 in bf16 runs: bf16 cannot hold ln(100), its cap (it rounds to 98.9).
+        self.logit_scale.data = self.logit_scale.data.float()
         mark_glu(self)
         install_grad_hooks(self)
 
@@ -163,7 +165,7 @@ def lcl_losses(latents, hidden, input_ids, attention_mask, position_ids=None, *,
 
     gen_mask, targets = generation_targets(input_ids, attention_mask, position_ids)
     gen_sum = lm_head(hidden[:, :-1][gen_mask], targets)
-    out = combine_losses(gen_sum, gen_mask.sum(), con_sum, torch.tensor(image_feats.shape[0]), group=dp_group,
+    out = combine_losses(gen_sum, gen_mask.sum(), con_sum, has_context.sum(), group=dp_group,
                          generation_weight=generation_weight, contrastive_weight=contrastive_weight)
     out["logit_scale"] = scale.detach()
     return out

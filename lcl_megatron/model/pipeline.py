@@ -60,7 +60,7 @@ class LMLayerStage(nn.Module):
         hidden, latents, num_images, input_ids, attention_mask = inputs
         kwargs = {}
         if self._rotary[0] is not None:
-            kwargs["rotary_pos_emb"] = self._rotary[0](input_ids.shape[1])
+            kwargs["rotary_pos_emb"] = self._rotary[0](input_ids.shape[1], hidden.device)
         hidden = run_layers([self.layer], hidden, checkpoint=self.checkpoint_layers, **kwargs).contiguous()
         return hidden, latents, num_images, input_ids, attention_mask
 

@@ -8,6 +8,7 @@ metrics, averaged over micro-batches and data-parallel ranks.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -137,10 +138,9 @@ def is_pipeline(engine) -> bool:
     return isinstance(engine, PipelineEngine)
 
 
-def _all_finite(values: torch.Tensor) -> bool:
-    flag = torch.isfinite(values).all().float().reshape(1)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() > 0)
+def batch_to_device(batch: dict, device) -> dict:
+    """The loader's host tensors on the training device (asynchronous copies from pinned memory)."""
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 def _dp_mean(values: torch.Tensor) -> torch.Tensor:
@@ -152,36 +152,50 @@ def _dp_mean(values: torch.Tensor) -> torch.Tensor:
     return values / dist.get_world_size(group)
 
 
+def _non_finite_error(step: int, loss: float, generation: float, contrastive: float, when: str) -> TrainingError:
+    return TrainingError(f"non-finite loss at step {step} (loss={loss}, generation={generation}, "
+                         f"contrastive={contrastive}); {when}")
+
+
 def plain_train_step(engine, batches, cfg: Config, step: int) -> dict:
-    """One optimizer step over `train.grad_accumulation` micro-batches."""
-    sums, tokens = torch.zeros(4), torch.zeros(1)
-    for _ in range(cfg.train.grad_accumulation):
-        batch = next(batches)
+    """One optimizer step over `train.grad_accumulation` micro-batches.
+
+    The numbers stay on the device until one read, before the update: the
+    data-parallel mean of the losses, the logit scale and the tokens, which
+    also stops the run on a non-finite loss before it reaches the weights
+    (Megatron checks every step likewise). The gradient norm is returned as
+    the engine holds it; the caller reads it only on logged steps.
+    """
+    accumulation = cfg.train.grad_accumulation
+    sums = torch.zeros(5, device=engine.device)  # loss, generation, contrastive, logit_scale, tokens
+    for micro in range(accumulation):
+        batch = batch_to_device(next(batches), engine.device)
         out = engine(batch["images"], batch["input_ids"], batch["attention_mask"],
                      batch.get("position_ids"), batch.get("cu_seqlens"))
-        values = torch.stack([out["loss"].detach().float(), out["generation_loss"].float(),
-                              out["contrastive_loss"].float(), out["logit_scale"].float()])
-        if not _all_finite(values[:3]):
-            raise TrainingError(f"non-finite loss at step {step} (loss={values[0].item()}, generation="
-                                f"{values[1].item()}, contrastive={values[2].item()}); stopping before the update")
         engine.backward(out["loss"])
+        sums += torch.stack([out["loss"].detach().float(), out["generation_loss"].float(),
+                             out["contrastive_loss"].float(), out["logit_scale"].float(),
+                             batch["attention_mask"].sum().float()])
+        if micro == accumulation - 1:  # the next engine.step() updates the weights
+            loss, generation, contrastive, logit_scale, tokens = _dp_mean(sums / accumulation).cpu().tolist()
+            if not math.isfinite(loss + generation + contrastive):
+                raise _non_finite_error(step, loss, generation, contrastive, "stopping before the update")
         engine.step()
-        sums += values
-        tokens += batch["attention_mask"].sum()
-    mean = _dp_mean(sums / cfg.train.grad_accumulation)
-    return {"loss": mean[0].item(), "generation_loss": mean[1].item(), "contrastive_loss": mean[2].item(),
-            "logit_scale": mean[3].item(), "grad_norm": _float(engine.get_global_grad_norm()),
-            "tokens": _dp_mean(tokens).item()}
+    return {"loss": loss, "generation_loss": generation, "contrastive_loss": contrastive,
+            "logit_scale": logit_scale, "grad_norm": engine.get_global_grad_norm(), "tokens": tokens * accumulation}
 
 
 def pipeline_train_step(engine, batches, cfg: Config, step: int) -> dict:
-    """One optimizer step of DeepSpeed's pipeline schedule; metrics come from the last stage."""
+    """One optimizer step of DeepSpeed's pipeline schedule; metrics come from the last stage.
+
+    DeepSpeed's pipeline engine moves each micro-batch to the device itself.
+    """
     from megatron.core import parallel_state
 
     from lcl_megatron.model.pipeline import LossStage, to_pipeline_batch
 
     max_images = max_images_per_microbatch(cfg)
-    tokens = torch.zeros(1)
+    tokens = torch.zeros(1)  # counted on the host, where the micro-batches are
 
     def micro_batches():
         nonlocal tokens
@@ -192,7 +206,7 @@ def pipeline_train_step(engine, batches, cfg: Config, step: int) -> dict:
 
     first, last = engine.is_first_stage(), engine.is_last_stage()
     loss = engine.train_batch(data_iter=micro_batches() if (first or last) else None)
-    metrics = torch.zeros(4)
+    metrics = torch.zeros(4, device=engine.device)  # loss, generation, contrastive, logit_scale
     if last:
         stage = next(m for m in engine.module.modules() if isinstance(m, LossStage))
         per_micro = torch.stack(stage.last_metrics).mean(0)
@@ -204,15 +218,15 @@ def pipeline_train_step(engine, batches, cfg: Config, step: int) -> dict:
     p = cfg.parallel
     src = (p.pp - 1) * p.tp * parallel_state.get_data_parallel_world_size()
     dist.broadcast(metrics, src=src)
-    if not torch.isfinite(metrics[:3]).all():
-        raise TrainingError(f"non-finite loss at step {step} (loss={metrics[0].item()}, generation="
-                            f"{metrics[1].item()}, contrastive={metrics[2].item()}); stopping")
     if first:
-        tokens = _dp_mean(tokens)
-    return {"loss": metrics[0].item(), "generation_loss": metrics[1].item(), "contrastive_loss": metrics[2].item(),
-            "logit_scale": metrics[3].item(), "grad_norm": _float(engine.get_global_grad_norm()),
-            "tokens": tokens.item()}
+        tokens = _dp_mean(tokens.to(engine.device))
+    loss, generation, contrastive, logit_scale, tokens = torch.cat([metrics, tokens.to(metrics.device)]).cpu().tolist()
+    if not math.isfinite(loss + generation + contrastive):
+        raise _non_finite_error(step, loss, generation, contrastive, "stopping")
+    return {"loss": loss, "generation_loss": generation, "contrastive_loss": contrastive,
+            "logit_scale": logit_scale, "grad_norm": engine.get_global_grad_norm(), "tokens": tokens}
 
 
-def _float(value) -> float:
+def grad_norm_value(value) -> float:
+    """The engine's gradient norm (a float, a device tensor or None) as a number: a host read."""
     return float(value) if value is not None else float("nan")

@@ -78,8 +78,8 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
 
     from lcl_megatron.parallel import init_distributed, is_main_process
     from lcl_megatron.training import checkpoint as ckpt
-    from lcl_megatron.training.engine import (build_engine, build_model, is_pipeline, pipeline_train_step,
-                                              plain_train_step)
+    from lcl_megatron.training.engine import (build_engine, build_model, grad_norm_value, is_pipeline,
+                                              pipeline_train_step, plain_train_step)
     from lcl_megatron.training.metrics import MetricsLogger
     from lcl_megatron.training.preemption import PreemptionWatcher
     from lcl_megatron.utils import atomic_write_text
@@ -137,7 +137,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
             if step % cfg.logging.every == 0 or step == stop_at:
                 last = {"step": step, "loss": metrics["loss"], "contrastive_loss": metrics["contrastive_loss"],
                         "generation_loss": metrics["generation_loss"], "lr": engine.get_lr()[0],
-                        "grad_norm": metrics["grad_norm"], "logit_scale": metrics["logit_scale"],
+                        "grad_norm": grad_norm_value(metrics["grad_norm"]), "logit_scale": metrics["logit_scale"],
                         "samples_per_s": samples_per_step / elapsed,
                         "tokens_per_s": metrics["tokens"] * dp_size / elapsed,
                         "token_utilisation": metrics["tokens"] / tokens_per_step}
