@@ -37,7 +37,8 @@ class JobSpec:
     time: str | None = None
     partition: str | None = None
     account: str | None = None
-    cpus_per_task: int | None = None
+    cpus_per_task: int = 1  # CPUs of the one task per node, shared by its training processes
+    mem: str = "0"  # memory per node; 0 is all of it
     warning_s: int = 300  # Slurm's warning signal comes this long before the time limit
     max_restarts: int = 3
     rdzv_timeout_s: int = 600
@@ -52,11 +53,8 @@ class JobSpec:
 
     @property
     def omp_threads(self) -> str:
-        """Threads per training process: the node's CPUs (Slurm's count at run time, unless given) per process."""
-        if self.cpus_per_task:
-            return str(max(1, self.cpus_per_task // self.procs_per_node))
-        cpus = "${SLURM_CPUS_ON_NODE:-1}"
-        return f"$(( {cpus} >= PROCS_PER_NODE ? {cpus} / PROCS_PER_NODE : 1 ))"
+        """Threads per training process: the task's CPUs per process."""
+        return str(max(1, self.cpus_per_task // self.procs_per_node))
 
 
 def sbatch_quote(value: str) -> str:
@@ -80,8 +78,9 @@ def header(spec: JobSpec) -> list[str]:
     ]
     if spec.gpus:
         lines.append(_sbatch_line("--gpus-per-node", spec.procs_per_node))
-    if spec.cpus_per_task:
-        lines.append(_sbatch_line("--cpus-per-task", spec.cpus_per_task))
+    # Both always: a cluster's defaults are often one CPU and a little memory per task.
+    lines.append(_sbatch_line("--cpus-per-task", spec.cpus_per_task))
+    lines.append(_sbatch_line("--mem", spec.mem))
     for option, value in (("--time", spec.time), ("--partition", spec.partition), ("--account", spec.account)):
         if value:
             lines.append(_sbatch_line(option, value))

@@ -23,6 +23,9 @@ from pathlib import Path
 from launchers.sbatch import JobSpec, ScriptError, render
 
 
+# Data-loader workers decode images on the host: a GPU process with fewer cores starves.
+CPUS_PER_GPU = 8
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="lcl launch slurm", description="Submit a training run to Slurm.")
     p.add_argument("--config", required=True, help="YAML config of the run")
@@ -36,7 +39,11 @@ def parse_args(argv):
     p.add_argument("--init-from", metavar="CHECKPOINT",
                    help="start from these weights while the run has no checkpoint of its own "
                         "(a new layout: see docs/slurm.md)")
-    p.add_argument("--cpus-per-task", type=int, help="CPUs per node for its training processes")
+    p.add_argument("--cpus-per-task", type=int,
+                   help=f"CPUs per node for its training processes and their data loaders (default: "
+                        f"{CPUS_PER_GPU} per GPU, 1 per process on --cpu-nodes)")
+    p.add_argument("--mem", default="0",
+                   help="memory per node, in Slurm's units (default 0: all of the node's memory)")
     p.add_argument("--cpu-nodes", action="store_true",
                    help="the nodes have no GPUs: request none and run --gpus-per-node processes over gloo "
                         "(detected automatically when sinfo shows no GPUs in the partition)")
@@ -114,7 +121,8 @@ def build_spec(args) -> JobSpec:
         run_dir=os.path.abspath(cfg.run_dir), job_name=args.job_name or cfg.run.name, nodes=args.nodes,
         procs_per_node=args.gpus_per_node, gpus=gpus, overrides=[o for o in args.overrides if not o.strip().startswith("run.dir=")], init_from=init_from,
         time=args.time,
-        partition=args.partition, account=args.account, cpus_per_task=args.cpus_per_task,
+        partition=args.partition, account=args.account, mem=args.mem,
+        cpus_per_task=args.cpus_per_task or args.gpus_per_node * (CPUS_PER_GPU if gpus else 1),
         warning_s=args.warning, max_restarts=args.max_restarts, rdzv_timeout_s=args.rdzv_timeout,
         shutdown_timeout_s=args.shutdown_timeout, env=env, sbatch_options=list(args.sbatch))
 

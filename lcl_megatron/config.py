@@ -116,6 +116,7 @@ class TrainConfig:
     micro_batch_size: int = 8
     grad_accumulation: int = 1
     precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 master weights and loss)
+    tf32: bool = True  # on GPUs, fp32 matmuls and convolutions on tensor cores (TF32), as Megatron-LM does
     exit_interval: int = 0  # stop with a checkpoint after this many steps in this process (0: run to train.steps)
 
 

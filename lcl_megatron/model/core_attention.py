@@ -1,4 +1,4 @@
-"""Core attention for megatron-core layer specs: PyTorch SDPA on CPU, flash-attn on GPU.
+"""Core attention for megatron-core layer specs: `kernels.attention` (SDPA, PyTorch varlen, flash-attn).
 
 megatron-core's own DotProductAttention allocates CUDA buffers; this module
 takes its place in the layer spec (`SelfAttentionSubmodules.core_attention`).
@@ -34,7 +34,6 @@ class CoreAttention(MegatronModule):
         cu_seqlens = max_seqlen = None
         if packed_seq_params is not None:
             cu_seqlens, max_seqlen = packed_seq_params.cu_seqlens_q, packed_seq_params.max_seqlen_q
-            q, k, v = (t.reshape(1, -1, *t.shape[2:]) for t in (q, k, v))
         out = attention(q, k, v, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                         softmax_scale=self.softmax_scale)
         b, s = query.shape[1], query.shape[0]

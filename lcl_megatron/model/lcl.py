@@ -46,15 +46,17 @@ def generation_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, po
     return mask, nxt[mask]
 
 
-def packed_params(cu_seqlens, max_seqlen=None):
-    """megatron's PackedSeqParams for documents packed into rows (sbhd layout, flattened offsets)."""
+def packed_params(cu_seqlens, row_length: int):
+    """megatron's PackedSeqParams for documents packed into rows (sbhd layout, flattened offsets).
+
+    No document is longer than a row: the row length bounds them without reading cu_seqlens back.
+    """
     if cu_seqlens is None:
         return None
     from megatron.core.packed_seq_params import PackedSeqParams
 
     cu_seqlens = cu_seqlens.to(torch.int32)
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    max_seqlen = row_length
     return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                            max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
 
@@ -84,8 +86,6 @@ class LCLModel(nn.Module):
         self.loss_weights = {"generation_weight": 1.0, "contrastive_weight": 0.1}
         self.loss_impl = "fused"
         self.to(dtype)
-        # The temperature stays fp32 in bf16 runs: bf16 cannot hold ln(100), its cap (it rounds to 98.9).
-        self.logit_scale.data = self.logit_scale.data.float()
         mark_glu(self)
         install_grad_hooks(self)
 
@@ -131,7 +131,7 @@ class LCLModel(nn.Module):
         if (position_ids is None) != (cu_seqlens is None):
             raise ValueError("packed batches need both position_ids and cu_seqlens")
         latents, image_tokens = self.encode_images_always(images)
-        hidden = self.text(self.text.embedding(input_ids, image_tokens, position_ids), packed_params(cu_seqlens))
+        hidden = self.text(self.text.embedding(input_ids, image_tokens, position_ids), packed_params(cu_seqlens, input_ids.shape[1]))
         return lcl_losses(latents, hidden, input_ids, attention_mask.bool(), position_ids,
                           context_head=self.text.context_head, lm_head=self.text.lm_head, scale=self.scale(),
                           impl=self.loss_impl, **self.loss_weights)

@@ -25,15 +25,31 @@ def max_images_per_microbatch(cfg: Config) -> int:
     return cfg.parallel.max_images or cfg.train.micro_batch_size * cfg.data.max_images
 
 
-def deepspeed_config(cfg: Config, dp_size: int) -> dict:
+# Gradient buckets, in elements: large enough to keep the links busy, small enough to overlap with
+# the backward pass (Megatron's default bucket is 40M parameters).
+BUCKET_ELEMENTS = 50_000_000
+
+
+def deepspeed_config(cfg: Config, dp_size: int, on_gpu: bool = False) -> dict:
     t = cfg.train
-    return {
+    bf16 = t.precision == "bf16"
+    # DeepSpeed accumulates bf16 gradients in fp32 only in its ZeRO optimizers (stage 1 is its BF16
+    # optimizer): bf16 runs use at least stage 1, which with one data-parallel rank shards nothing.
+    stage = max(1, cfg.parallel.zero_stage) if bf16 else cfg.parallel.zero_stage
+    zero = {"stage": stage}
+    if on_gpu and stage > 0:
+        # Reduce gradient buckets while the backward pass goes on (CUDA streams; gloo has none).
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=BUCKET_ELEMENTS,
+                    allgather_bucket_size=BUCKET_ELEMENTS)
+        if stage == 3:
+            zero.update(stage3_prefetch_bucket_size=BUCKET_ELEMENTS, stage3_param_persistence_threshold=100_000)
+    config = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accumulation,
         "train_batch_size": t.micro_batch_size * t.grad_accumulation * dp_size,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": zero,
         "gradient_clipping": cfg.optim.grad_clip,
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         # Stages send more than one tensor that needs a gradient (the image latents ride along for
         # the contrastive loss); DeepSpeed's partitioned pipe tensors carry only the first one.
@@ -41,6 +57,14 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if bf16:
+        # bf16 compute, fp32 everything that accumulates: gradients summed over micro-batches and
+        # reduced over data-parallel ranks in fp32 (DeepSpeed's default is the model's dtype).
+        # DeepSpeed casts every parameter to bf16, the temperature included (its fp32 master copy
+        # lives in the optimizer); rotary angles are computed in fp32 and never cast.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["communication_data_type"] = "fp32"
+    return config
 
 
 def build_model(cfg: Config, init_from: Path | None = None):
@@ -92,7 +116,8 @@ def build_engine(cfg: Config, model):
     optimizer = build_optimizer(module, cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, cfg),
-        mpu=None if cfg.parallel.pp > 1 else MegatronMPU, config=deepspeed_config(cfg, dp_size),
+        mpu=None if cfg.parallel.pp > 1 else MegatronMPU,
+        config=deepspeed_config(cfg, dp_size, on_gpu=torch.cuda.is_available()),
         dist_init_required=False)
     engine.checkpoint_engine = SafeCheckpointEngine()
     verify_groups_match(engine)

@@ -73,6 +73,7 @@ def build_loader(cfg: Config, dp_rank: int, dp_size: int):
 
 
 def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -> dict:
+    import torch
     import yaml
     from megatron.core import parallel_state
 
@@ -85,6 +86,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     from lcl_megatron.utils import atomic_write_text
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     init_distributed(cfg.parallel, timeout_s=cfg.parallel.timeout_s)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     run_dir, ckpt_root = cfg.run_dir, cfg.run_dir / "checkpoints"
