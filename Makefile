@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast clean wheelhouse gpu-check
 
 setup: $(STAMP)
 
@@ -28,5 +28,29 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q tests -m "not slow"
 
+# A bare GPU machine without a network (Python 3.12, CUDA torch, triton, transformers installed):
+# `make wheelhouse` here first (it needs PyPI), carry wheelhouse/ there, then `make gpu-check`.
+WHEELHOUSE := wheelhouse
+GPU_WHEEL_TAGS := --python-version 3.12 --implementation cp --only-binary=:all: \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	--platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform manylinux_2_12_x86_64
+
+wheelhouse: setup
+	rm -rf $(WHEELHOUSE).tmp && mkdir -p $(WHEELHOUSE).tmp
+	grep -v -e '^#' -e '^deepspeed==' requirements-gpu.txt > $(WHEELHOUSE).tmp/binary.txt
+	$(PY) -m pip download -q --no-deps $(GPU_WHEEL_TAGS) -d $(WHEELHOUSE).tmp -r $(WHEELHOUSE).tmp/binary.txt
+	# DeepSpeed publishes only a source archive; its wheel is pure Python.
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(WHEELHOUSE).tmp "$$(grep '^deepspeed==' requirements-gpu.txt)"
+	# The embedded corpus, built here: the GPU machine lacks scikit-learn, whose digits it holds.
+	LCL_CACHE_DIR=$(WHEELHOUSE).tmp/cache $(PY) -c 'from lcl_megatron.data.embedded import ensure_corpus; ensure_corpus("digits")'
+	rm $(WHEELHOUSE).tmp/binary.txt
+	test "$$(du -sm $(WHEELHOUSE).tmp | cut -f1)" -le 60 || { du -sh $(WHEELHOUSE).tmp; echo "wheelhouse over 60 MiB"; exit 1; }
+	rm -rf $(WHEELHOUSE) && mv $(WHEELHOUSE).tmp $(WHEELHOUSE)
+	du -sh $(WHEELHOUSE)
+
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m lcl_megatron.bench.gpu_check --wheelhouse $(WHEELHOUSE)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .gpu-site

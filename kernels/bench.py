@@ -241,10 +241,10 @@ def bf16_matmul_tflops() -> float:
     return 2 * 8192 ** 3 * runs / (time.perf_counter() - start) / 1e12
 
 
-def run_all(quick: bool, repeats: int) -> tuple[list[dict], dict]:
+def run_all(quick: bool, repeats: int, devices: str = "all") -> tuple[list[dict], dict]:
     rows, notes = [], {}
-    cases = cpu_cases(quick)
-    if torch.cuda.is_available():
+    cases = cpu_cases(quick) if devices in ("all", "cpu") else []
+    if torch.cuda.is_available() and devices in ("all", "cuda"):
         cases += gpu_cases(quick)
         notes["bf16_matmul_tflops"] = bf16_matmul_tflops()
     for case in cases:
@@ -347,6 +347,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output", type=Path, default=None,
                         help="markdown file for the Kernels section (default BENCHMARKS.md for a full run)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
+                        help="which rows to run (default all: CPU rows, and GPU rows when CUDA is available)")
     parser.add_argument("--worker", nargs=4, metavar=("WHAT", "CASE", "IMPL", "REPEATS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -359,7 +361,7 @@ def main(argv: list[str]) -> int:
     if repeats < 1:
         print("lcl bench kernels: --repeats must be at least 1", file=sys.stderr)
         return 2
-    rows, notes = run_all(args.quick, repeats)
+    rows, notes = run_all(args.quick, repeats, args.device)
     table = format_table(rows)
     target_lines = _targets(rows, notes, args.quick)
     print(table)

@@ -24,6 +24,8 @@ log-sum-exp. No host synchronisation happens in the loop (shapes alone drive it)
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -51,10 +53,27 @@ def _project_into(out, hidden_c, weight):
         out.copy_(hidden_c.float() @ weight.float().t())
 
 
+@functools.cache
+def _fp32_output_matmul(device_type: str) -> bool:
+    """Whether 16-bit matmuls write fp32 results directly here (`out_dtype`, cuBLAS on recent torch).
+
+    Probed once per device type on a tiny product of the exact form used below; where it is
+    missing, the 16-bit operands are upcast instead (more memory traffic, same numbers).
+    """
+    try:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
+        acc = torch.zeros(2, 2, dtype=torch.float32, device=device_type)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        torch.mm(a, a, out_dtype=torch.float32, out=torch.empty_like(acc))
+        return bool(acc[0, 0] == 2)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
 def _grad_hidden_into(out, dz, weight):
     if dz.dtype == torch.float32:
         torch.mm(dz, weight, out=out)
-    elif dz.is_cuda:
+    elif _fp32_output_matmul(dz.device.type):
         torch.mm(dz, weight, out_dtype=torch.float32, out=out)
     else:
         torch.mm(dz.float(), weight.float(), out=out)
@@ -64,7 +83,7 @@ def _accumulate_grad_weight_(grad_weight, dz, hidden_c):
     """grad_weight (fp32) += dz^T @ hidden_c, accumulated in fp32 even for 16-bit inputs."""
     if dz.dtype == torch.float32:
         grad_weight.addmm_(dz.t(), hidden_c)
-    elif dz.is_cuda:
+    elif _fp32_output_matmul(dz.device.type):
         torch.addmm(grad_weight, dz.t(), hidden_c, out_dtype=torch.float32, out=grad_weight)
     else:
         grad_weight.addmm_(dz.t().float(), hidden_c.float())

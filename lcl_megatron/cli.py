@@ -25,6 +25,7 @@ COMMANDS = {
     ("plan",): "lcl_megatron.plan:main",
     ("bench", "kernels"): "kernels.bench:main",
     ("bench", "data"): "lcl_megatron.data.bench:main",
+    ("bench", "train"): "lcl_megatron.bench.train:main",
     ("prepare", "mmc4"): "lcl_megatron.data.prepare:mmc4_main",
     ("prepare", "obelics"): "lcl_megatron.data.prepare:obelics_main",
     ("launch", "slurm"): "launchers.slurm:main",

@@ -11,6 +11,7 @@ import dataclasses
 import glob
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +77,7 @@ class DataConfig:
     # "embedded:digits" is the built-in corpus, built at first use.
     path: list = field(default_factory=lambda: ["embedded:digits"])
     heldout: str = "embedded:digits"  # zero-shot split; "" disables zero-shot eval
-    num_workers: int = 0
+    num_workers: int = -1  # loader processes per training process; -1: 0 on CPU-only machines, up to 4 with GPUs
     split: str = "shards"  # shards: each DP rank reads its own shards; samples: all read, each keeps its rows
     shuffle_buffer: int = 256
     img_first_prob: float = 0.5  # pairs: image before caption with this probability
@@ -117,6 +118,7 @@ class TrainConfig:
     grad_accumulation: int = 1
     precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 master weights and loss)
     tf32: bool = True  # on GPUs, fp32 matmuls and convolutions on tensor cores (TF32), as Megatron-LM does
+    profile_steps: str = ""  # START:END: a torch.profiler trace of these steps into RUN_DIR/profile/
     exit_interval: int = 0  # stop with a checkpoint after this many steps in this process (0: run to train.steps)
 
 
@@ -219,6 +221,24 @@ def _merge(obj, updates: dict, prefix: str = ""):
             setattr(obj, name, _coerce(value, hints[name], key))
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML as configs mean it: `10:12` is the text "10:12", not YAML 1.1's base-60 number 612."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers
+            if not (tag == "tag:yaml.org,2002:int" and ":" in regexp.pattern)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """["a.b=1", "c=x"] -> {"a": {"b": 1}, "c": "x"}; values are parsed as YAML."""
     tree: dict = {}
@@ -227,7 +247,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = load_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         node = tree
@@ -248,7 +268,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         except OSError as e:
             raise ConfigError(f"cannot read config file '{path}': {e.strerror}") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = load_yaml(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
@@ -328,6 +348,20 @@ def _has_weight(entry: str) -> bool:
         return False
 
 
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+    """"START:END" -> (START, END); "" -> None. ValueError with the reason otherwise."""
+    if not text:
+        return None
+    start, sep, end = text.partition(":")
+    try:
+        first, last = int(start), int(end if sep else start)
+    except ValueError:
+        raise ValueError(f"must be START:END (steps, e.g. 10:12), got {text!r}") from None
+    if not 1 <= first <= last:
+        raise ValueError(f"must be START:END with 1 <= START <= END, got {text!r}")
+    return first, last
+
+
 def validate_config(cfg: Config, check_data: bool = True) -> None:
     """Every check of user input; `check_data=False` skips the data paths (planning a run elsewhere)."""
     validate_model(cfg.model)
@@ -370,7 +404,11 @@ def validate_config(cfg: Config, check_data: bool = True) -> None:
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _require(cfg.logging.every >= 1, "logging.every", "must be >= 1")
     _require(0 <= cfg.data.img_first_prob <= 1, "data.img_first_prob", "must be in [0, 1]")
-    _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    try:
+        parse_profile_steps(t.profile_steps)
+    except ValueError as e:
+        raise ConfigError(f"config key 'train.profile_steps' {e}") from None
+    _require(cfg.data.num_workers >= -1, "data.num_workers", f"must be >= 0, or -1 (auto), got {cfg.data.num_workers}")
     _require(cfg.data.split in ("shards", "samples"), "data.split", f"must be 'shards' or 'samples', got {cfg.data.split!r}")
     _require(cfg.data.pack_open_rows >= 1, "data.pack_open_rows", "must be >= 1")
     _require(not cfg.data.packing or p.pp == 1, "data.packing", "is not supported with parallel.pp > 1 yet")

@@ -160,19 +160,24 @@ class Tensor:
         return math.prod(shape)
 
 
-def sharded_tensors(cfg: Config) -> list[Tensor]:
-    """Every tensor of the single-process model with its TP split, from a meta-device build."""
+def sharded_tensors(cfg: Config, model=None) -> list[Tensor]:
+    """Every tensor of the single-process model with its TP split, from a meta-device build or,
+    inside a run (whose process groups a new build would follow), from the run's own model."""
     from lcl_megatron.convert.native import model_tensors as state_tensors
     from lcl_megatron.model.build import build_model
+    from lcl_megatron.model.sharding import canonical_shape
 
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's start-up chatter; stdout is the plan
-        model = build_model(cfg.model, "meta")
+    if model is None:
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's start-up chatter; stdout is the plan
+            model = build_model(cfg.model, "meta")
     params = dict(model.named_parameters())
     out = []
     for name, tensor in state_tensors(model.state_dict()).items():
         param = params.get(name)
+        local = getattr(param, "ds_shape", tensor.shape)  # ZeRO-3 leaves an empty partition in place
         split = param is not None and getattr(param, "tensor_model_parallel", False)
-        out.append(Tensor(name, tuple(tensor.shape), param.partition_dim if split else None))
+        shape = canonical_shape(name, local, param, cfg.model.text.vocab_size)
+        out.append(Tensor(name, tuple(shape), param.partition_dim if split else None))
     return out
 
 
@@ -418,11 +423,13 @@ def balanced_first_stage(s: _Setup) -> int:
     return min(range(0, layers - pp + 2), key=slowest)
 
 
-def make_plan(cfg: Config, nodes: int, gpus_per_node: int) -> Plan:
+def make_plan(cfg: Config, nodes: int, gpus_per_node: int, images: int | None = None, model=None) -> Plan:
+    """The plan of `cfg` on nodes x gpus_per_node GPUs; `images` per micro-batch overrides the expected
+    count, and a running job passes its `model` (see `sharded_tensors`)."""
     layout = check_layout(cfg, nodes, gpus_per_node)
     bf16 = cfg.train.precision == "bf16"
-    setup = _Setup(cfg=cfg, layout=layout, tensors=sharded_tensors(cfg),
-                   images=images_per_microbatch(cfg),
+    setup = _Setup(cfg=cfg, layout=layout, tensors=sharded_tensors(cfg, model),
+                   images=images_per_microbatch(cfg) if images is None else images,
                    pbytes=2 if bf16 else 4, optimizer_bytes_per_param=12 if bf16 else 8)
     stage_layers = lm_layers_per_stage(cfg.model.text.layers, layout.pp, cfg.parallel.pp_first_stage_layers)
     stages = [_stage(setup, i, stage_layers) for i in range(layout.pp)]

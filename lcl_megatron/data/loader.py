@@ -305,8 +305,8 @@ class TrainLoader:
     have seen next.
     """
 
-    def __init__(self, dataset: BatchStream, num_workers: int):
-        self.dataset, self.num_workers = dataset, num_workers
+    def __init__(self, dataset: BatchStream, num_workers: int, pin_memory: bool = False):
+        self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
         self.stats: Counter = Counter()
         self.batches_consumed = 0
 
@@ -314,9 +314,12 @@ class TrainLoader:
         if self.num_workers > 0:
             # workers fork after the tokenizer may have run here; its thread pool must not be forked
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            source = iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers))
+            source = iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                                      pin_memory=self.pin_memory))
         else:
             source = iter(self.dataset)
+            if self.pin_memory:  # page-locked, so that the copy to the GPU runs asynchronously
+                source = (({k: v.pin_memory() for k, v in batch.items()}, stats) for batch, stats in source)
         skip = self.batches_consumed
         for batch, stats in source:
             if skip > 0:
@@ -333,9 +336,22 @@ class TrainLoader:
         self.batches_consumed = int(state["batches_consumed"])
 
 
+def resolve_num_workers(num_workers: int, on_gpu: bool, processes_per_node: int) -> int:
+    """`data.num_workers`, with -1 (auto): none on a CPU-only machine (the step itself uses the cores),
+    else up to 4 per training process from the CPUs this process may use."""
+    if num_workers >= 0:
+        return num_workers
+    if not on_gpu:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cpus // max(1, processes_per_node) - 1))
+
+
 def build_train_loader(data_cfg, *, image_size: int, num_image_tokens: int, context_length: int,
-                       micro_batch_size: int, dp_rank: int, dp_size: int, seed: int, tokenizer=None) -> TrainLoader:
-    """The training loader of one DP rank for `data_cfg` (a config.DataConfig)."""
+                       micro_batch_size: int, dp_rank: int, dp_size: int, seed: int, tokenizer=None,
+                       num_workers: int | None = None, pin_memory: bool = False) -> TrainLoader:
+    """The training loader of one DP rank for `data_cfg` (a config.DataConfig); `num_workers`
+    (resolved, >= 0) defaults to data.num_workers."""
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} is not in [0, {dp_size})")
     if data_cfg.pack_open_rows < 1:
@@ -346,14 +362,15 @@ def build_train_loader(data_cfg, *, image_size: int, num_image_tokens: int, cont
     for entry in data_cfg.path:
         location, weight = parse_data_entry(entry)
         datasets.append((resolve_shards(location), weight))
+    workers = max(0, data_cfg.num_workers) if num_workers is None else num_workers
     settings = SampleSettings(image_size=image_size, num_image_tokens=num_image_tokens,
                               context_length=context_length, img_first_prob=data_cfg.img_first_prob,
                               min_similarity=data_cfg.min_similarity, max_images=data_cfg.max_images)
     dataset = BatchStream(datasets, settings, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                          num_workers=data_cfg.num_workers, seed=seed,
+                          num_workers=workers, seed=seed,
                           shuffle_buffer=max(1, data_cfg.shuffle_buffer), tokenizer=tokenizer,
                           packing=data_cfg.packing, pack_open_rows=data_cfg.pack_open_rows)
-    return TrainLoader(dataset, data_cfg.num_workers)
+    return TrainLoader(dataset, workers, pin_memory)
 
 
 def load_zeroshot_set(entry: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -139,7 +139,7 @@ def load_model_file(path: Path) -> dict:
     return load_file(str(path))
 
 
-def save_checkpoint(engine, root: Path, step: int, *, config_text: str, loader_state: dict,
+def save_checkpoint(engine, root: Path, step: int, *, config_text: str, loader_state: dict | None,
                     dp_rank: int, keep: int, vocab_size: int) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory."""
     tag = tag_for(step)
@@ -149,7 +149,8 @@ def save_checkpoint(engine, root: Path, step: int, *, config_text: str, loader_s
         shutil.rmtree(ckpt_dir)
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
-    atomic_write_text(ckpt_dir / f"loader_dp{dp_rank:05d}.json", json.dumps(loader_state))
+    if loader_state is not None:  # only the rank that reads the data of this data-parallel rank
+        atomic_write_text(ckpt_dir / f"loader_dp{dp_rank:05d}.json", json.dumps(loader_state))
     write_consolidated(engine, ckpt_dir, vocab_size)
     if rank == 0:
         atomic_write_text(ckpt_dir / CONFIG_FILE, config_text)

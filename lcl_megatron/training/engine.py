@@ -168,6 +168,13 @@ def batch_to_device(batch: dict, device) -> dict:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
+def samples_in(batch: dict) -> torch.Tensor:
+    """Samples (pairs or documents, not rows) in a micro-batch: packed rows hold several."""
+    if "position_ids" in batch:
+        return ((batch["position_ids"] == 0) & batch["attention_mask"].bool()).sum()
+    return batch["attention_mask"].any(-1).sum()
+
+
 def _dp_mean(values: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state
 
@@ -192,22 +199,26 @@ def plain_train_step(engine, batches, cfg: Config, step: int) -> dict:
     the engine holds it; the caller reads it only on logged steps.
     """
     accumulation = cfg.train.grad_accumulation
-    sums = torch.zeros(5, device=engine.device)  # loss, generation, contrastive, logit_scale, tokens
+    sums = torch.zeros(7, device=engine.device)  # loss, generation, contrastive, logit_scale, tokens, images, samples
     for micro in range(accumulation):
         batch = batch_to_device(next(batches), engine.device)
         out = engine(batch["images"], batch["input_ids"], batch["attention_mask"],
                      batch.get("position_ids"), batch.get("cu_seqlens"))
         engine.backward(out["loss"])
-        sums += torch.stack([out["loss"].detach().float(), out["generation_loss"].float(),
-                             out["contrastive_loss"].float(), out["logit_scale"].float(),
-                             batch["attention_mask"].sum().float()])
+        sums[:5] += torch.stack([out["loss"].detach().float(), out["generation_loss"].float(),
+                                 out["contrastive_loss"].float(), out["logit_scale"].float(),
+                                 batch["attention_mask"].sum().float()])
+        sums[5] += batch["images"].shape[0]
+        sums[6] += samples_in(batch)
         if micro == accumulation - 1:  # the next engine.step() updates the weights
-            loss, generation, contrastive, logit_scale, tokens = _dp_mean(sums / accumulation).cpu().tolist()
+            loss, generation, contrastive, logit_scale, tokens, images, samples = \
+                _dp_mean(sums / accumulation).cpu().tolist()
             if not math.isfinite(loss + generation + contrastive):
                 raise _non_finite_error(step, loss, generation, contrastive, "stopping before the update")
         engine.step()
     return {"loss": loss, "generation_loss": generation, "contrastive_loss": contrastive,
-            "logit_scale": logit_scale, "grad_norm": engine.get_global_grad_norm(), "tokens": tokens * accumulation}
+            "logit_scale": logit_scale, "grad_norm": engine.get_global_grad_norm(),
+            "tokens": tokens * accumulation, "images": images * accumulation, "samples": samples * accumulation}
 
 
 def pipeline_train_step(engine, batches, cfg: Config, step: int) -> dict:
@@ -220,17 +231,19 @@ def pipeline_train_step(engine, batches, cfg: Config, step: int) -> dict:
     from lcl_megatron.model.pipeline import LossStage, to_pipeline_batch
 
     max_images = max_images_per_microbatch(cfg)
-    tokens = torch.zeros(1)  # counted on the host, where the micro-batches are
+    counts = torch.zeros(3, device=engine.device)  # tokens, images, samples
 
     def micro_batches():
-        nonlocal tokens
         while True:
             batch = next(batches)
-            tokens += batch["attention_mask"].sum()
+            counts[0] += batch["attention_mask"].sum()
+            counts[1] += batch["images"].shape[0]
+            counts[2] += samples_in(batch)
             yield to_pipeline_batch(batch, max_images)
 
     first, last = engine.is_first_stage(), engine.is_last_stage()
-    loss = engine.train_batch(data_iter=micro_batches() if (first or last) else None)
+    # Later stages take their inputs from the previous one; `batches` holds the last stage's placeholder labels.
+    loss = engine.train_batch(data_iter=micro_batches() if first else batches if last else None)
     metrics = torch.zeros(4, device=engine.device)  # loss, generation, contrastive, logit_scale
     if last:
         stage = next(m for m in engine.module.modules() if isinstance(m, LossStage))
@@ -244,12 +257,13 @@ def pipeline_train_step(engine, batches, cfg: Config, step: int) -> dict:
     src = (p.pp - 1) * p.tp * parallel_state.get_data_parallel_world_size()
     dist.broadcast(metrics, src=src)
     if first:
-        tokens = _dp_mean(tokens.to(engine.device))
-    loss, generation, contrastive, logit_scale, tokens = torch.cat([metrics, tokens.to(metrics.device)]).cpu().tolist()
+        counts = _dp_mean(counts)
+    loss, generation, contrastive, logit_scale, tokens, images, samples = torch.cat([metrics, counts]).cpu().tolist()
     if not math.isfinite(loss + generation + contrastive):
         raise _non_finite_error(step, loss, generation, contrastive, "stopping")
     return {"loss": loss, "generation_loss": generation, "contrastive_loss": contrastive,
-            "logit_scale": logit_scale, "grad_norm": engine.get_global_grad_norm(), "tokens": tokens}
+            "logit_scale": logit_scale, "grad_norm": engine.get_global_grad_norm(), "tokens": tokens, "images": images,
+            "samples": samples}
 
 
 def grad_norm_value(value) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, progress: bool,
                  total_steps: int, start_step: int):
-        self.enabled = enabled
+        self.enabled, self.total_steps = enabled, total_steps
         self.file = open(Path(run_dir) / "metrics.jsonl", "a") if enabled else None
         self.tb = None
         if enabled and tensorboard:
@@ -18,7 +18,10 @@ class MetricsLogger:
 
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         self.bar = None
-        if enabled and progress:
+        # In a terminal a live bar; in a log file (Slurm, nohup) one line per logged step instead
+        # of a carriage-return update per step.
+        self.lines = enabled and progress and not sys.stderr.isatty()
+        if enabled and progress and not self.lines:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
@@ -35,6 +38,19 @@ class MetricsLogger:
                     self.tb.add_scalar(f"train/{key}", value, record["step"])
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+        if self.lines:
+            extra = f", MFU {record['mfu']:.1%}" if "mfu" in record else ""
+            print(f"step {record['step']}/{self.total_steps}: loss {record['loss']:.4f}, "
+                  f"{record['samples_per_s']:.1f} samples/s{extra}", file=sys.stderr, flush=True)
+
+    def message(self, text: str) -> None:
+        """A line for the user that does not land inside the progress bar's line."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:

@@ -59,17 +59,38 @@ def main(argv=None) -> int:
 
 
 def build_loader(cfg: Config, dp_rank: int, dp_size: int):
+    import os
+
+    import torch
+
     from lcl_megatron.data.global_batch import GlobalBatchSlicer
-    from lcl_megatron.data.loader import build_train_loader
+    from lcl_megatron.data.loader import build_train_loader, resolve_num_workers
 
     v = cfg.model.vision
     by_samples = cfg.data.split == "samples"
+    on_gpu = torch.cuda.is_available()
+    workers = resolve_num_workers(cfg.data.num_workers, on_gpu, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     loader = build_train_loader(cfg.data, image_size=v.image_size, num_image_tokens=v.num_patches,
                                 context_length=cfg.model.text.context_length,
                                 micro_batch_size=cfg.train.micro_batch_size * (dp_size if by_samples else 1),
                                 dp_rank=0 if by_samples else dp_rank, dp_size=1 if by_samples else dp_size,
-                                seed=cfg.train.seed)
+                                seed=cfg.train.seed, num_workers=workers, pin_memory=on_gpu)
     return GlobalBatchSlicer(loader, dp_rank, dp_size) if by_samples else loader
+
+
+def micro_batch_source(loader, engine, reader: bool):
+    """This rank's micro-batches (training/batches.py): read, received from its tensor-parallel
+    group's reader, or placeholders on pipeline stages after the first."""
+    from megatron.core import parallel_state
+
+    from lcl_megatron.training.batches import TensorParallelBatches, placeholder_labels
+
+    if parallel_state.get_pipeline_model_parallel_rank() > 0:
+        return placeholder_labels()
+    source = iter(loader) if reader else None
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return source
+    return TensorParallelBatches(source, parallel_state.get_tensor_model_parallel_group(), engine.device)
 
 
 def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -> dict:
@@ -81,7 +102,11 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     from lcl_megatron.training import checkpoint as ckpt
     from lcl_megatron.training.engine import (build_engine, build_model, grad_norm_value, is_pipeline,
                                               pipeline_train_step, plain_train_step)
+    from lcl_megatron.training.batches import TimedBatches, reads_data
     from lcl_megatron.training.metrics import MetricsLogger
+    from lcl_megatron.training.engine import TrainingError
+    from lcl_megatron.training.profiling import StepProfiler, dump_cuda_memory_snapshot, record_cuda_memory_history
+    from lcl_megatron.training.throughput import StepMeter
     from lcl_megatron.training.preemption import PreemptionWatcher
     from lcl_megatron.utils import atomic_write_text
 
@@ -89,6 +114,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     init_distributed(cfg.parallel, timeout_s=cfg.parallel.timeout_s)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    reader = reads_data(parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank())
     run_dir, ckpt_root = cfg.run_dir, cfg.run_dir / "checkpoints"
     config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     if is_main_process():
@@ -99,8 +125,10 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     engine = build_engine(cfg, model)
     train_step = pipeline_train_step if is_pipeline(engine) else plain_train_step
     loader = build_loader(cfg, dp_rank, dp_size)
+    if is_main_process():
+        print(f"lcl train: {describe_backends(cfg, engine, loader)}", file=sys.stderr)
     save = lambda step: ckpt.save_checkpoint(engine, ckpt_root, step, config_text=config_text,
-                                             loader_state=loader.state_dict(), dp_rank=dp_rank,
+                                             loader_state=loader.state_dict() if reader else None, dp_rank=dp_rank,
                                              keep=cfg.checkpoint.keep, vocab_size=cfg.model.text.vocab_size)
     step, newest = 0, None
     if resume:
@@ -109,7 +137,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
             step, loader_state = ckpt.load_checkpoint(engine, newest, dp_rank)
             if loader_state:
                 loader.load_state_dict(loader_state)
-            else:
+            elif reader:
                 print(f"lcl train: {newest} holds no data position for data-parallel rank {dp_rank}; "
                       "its loader starts from the beginning", file=sys.stderr)
             restart_schedule(engine, step, cfg)
@@ -121,9 +149,11 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
 
     log = MetricsLogger(run_dir, enabled=is_main_process(), tensorboard=cfg.logging.tensorboard,
                         progress=cfg.logging.progress, total_steps=cfg.train.steps, start_step=step)
-    samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accumulation * dp_size
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accumulation * cfg.model.text.context_length
-    batches = iter(loader)
+    batches = TimedBatches(micro_batch_source(loader, engine, reader))
+    meter = StepMeter(cfg, torch.device(engine.device).type, model) if is_main_process() else None
+    profiler = StepProfiler(cfg.train.profile_steps, run_dir / "profile", torch.device(engine.device).type)
+    record_cuda_memory_history()
     engine.train()
     last = {}
     # Slurm's warning signal or SIGTERM: finish the step, checkpoint, requeue (training/preemption.py).
@@ -131,8 +161,9 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     stop_at = min(cfg.train.steps, step + cfg.train.exit_interval) if cfg.train.exit_interval else cfg.train.steps
     try:
         while step < stop_at:
-            start = time.perf_counter()
-            metrics = train_step(engine, batches, cfg, step + 1)
+            start, batches.waited = time.perf_counter(), 0.0
+            with profiler.step(step + 1):
+                metrics = train_step(engine, batches, cfg, step + 1)
             step += 1
             elapsed = time.perf_counter() - start
             log.advance()
@@ -140,9 +171,12 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
                 last = {"step": step, "loss": metrics["loss"], "contrastive_loss": metrics["contrastive_loss"],
                         "generation_loss": metrics["generation_loss"], "lr": engine.get_lr()[0],
                         "grad_norm": grad_norm_value(metrics["grad_norm"]), "logit_scale": metrics["logit_scale"],
-                        "samples_per_s": samples_per_step / elapsed,
+                        "samples_per_s": metrics["samples"] * dp_size / elapsed,
                         "tokens_per_s": metrics["tokens"] * dp_size / elapsed,
                         "token_utilisation": metrics["tokens"] / tokens_per_step}
+                if meter is not None:
+                    last.update(meter.measure(elapsed, batches.waited, images=metrics["images"] * dp_size,
+                                              tokens=metrics["tokens"] * dp_size))
                 log.log(last)
             if watcher.stop_requested():  # collective: every rank leaves after the same step
                 break
@@ -152,12 +186,36 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
         final = newest if newest is not None and step == resumed_step else save(step)
         if cfg.data.heldout and step == cfg.train.steps:
             last["zeroshot_top1"] = evaluate_final(model, engine, final, cfg, log, step)
+    except torch.OutOfMemoryError:
+        snapshot = dump_cuda_memory_snapshot(run_dir / f"oom_snapshot_rank{torch.distributed.get_rank()}.pickle")
+        raise TrainingError(f"out of GPU memory at step {step + 1}; the allocations leading there are in {snapshot} "
+                            "(open it at https://pytorch.org/memory_viz)") from None
     finally:
         log.close()
     if is_main_process():
         print(f"checkpoint: {final}")
     last["exit_code"] = watcher.after_final_checkpoint()
     return last
+
+
+def describe_backends(cfg: Config, engine, loader) -> str:
+    """One line: what runs where, so a slow or surprising run shows its cause at the start."""
+    import torch
+
+    import torch.distributed as dist
+
+    from kernels.attention import backend_name
+
+    device = torch.device(engine.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    precision = "bf16 (fp32 master weights, gradients accumulated and reduced in fp32)" \
+        if cfg.train.precision == "bf16" else "fp32" + (" (TF32 matmuls)" if device.type == "cuda" and cfg.train.tf32 else "")
+    zero = engine.zero_optimization_stage() if engine.zero_optimization() else 0
+    losses = "Triton fused" if device.type == "cuda" and cfg.loss.impl == "fused" else \
+        "chunked torch" if cfg.loss.impl == "fused" else "plain torch"
+    workers = getattr(getattr(loader, "loader", loader), "num_workers", 0)
+    return (f"{dist.get_world_size()} x {name}, {precision}, ZeRO {zero}; attention {backend_name(device.type)}; "
+            f"losses {losses}; layers megatron-core with torch norms; {workers} loader worker(s) per reader")
 
 
 def restart_schedule(engine, step: int, cfg: Config) -> None:
@@ -177,15 +235,15 @@ def evaluate_final(model, engine, final: Path, cfg: Config, log, step: int) -> f
     """Zero-shot top-1 of the final weights, on every rank (TP collectives stay in step)."""
     from lcl_megatron.eval.zeroshot import zeroshot_accuracy
     from lcl_megatron.model.sharding import load_canonical
-    from lcl_megatron.parallel import is_main_process
     from lcl_megatron.training.checkpoint import MODEL_FILE, load_model_file
 
     if engine.module is not model or engine.zero_optimization_partition_weights():
-        # Pipeline stages and ZeRO-3 partitions hold only parts: reload the full consolidated weights.
+        # Pipeline stages and ZeRO-3 partitions hold only parts (a stage's other modules never left
+        # the host): reload the full consolidated weights, all on the training device.
         load_canonical(model, load_model_file(final / MODEL_FILE))
+        model.to(engine.device)
     model.eval()
     top1 = zeroshot_accuracy(model, cfg)
     log.log_eval(step, {"zeroshot_top1": top1})
-    if is_main_process():
-        print(f"zero-shot top-1 on {cfg.data.heldout} (held out): {top1:.4f}")
+    log.message(f"zero-shot top-1 on {cfg.data.heldout} (held out): {top1:.4f}")
     return top1
