@@ -23,6 +23,7 @@ COMMANDS = {
     ("convert", "reshard"): "lcl_megatron.convert.reshard:main",
     ("convert", "inspect"): "lcl_megatron.convert.inspect:main",
     ("plan",): "lcl_megatron.plan:main",
+    ("profile",): "lcl_megatron.bench.profile:main",
     ("bench", "kernels"): "kernels.bench:main",
     ("bench", "data"): "lcl_megatron.data.bench:main",
     ("bench", "train"): "lcl_megatron.bench.train:main",

@@ -1,6 +1,7 @@
 """`lcl train` end to end on the embedded corpus: run directory, resume, checkpoints, failures."""
 
 import json
+import shutil
 
 import pytest
 from safetensors.torch import load_file
@@ -11,7 +12,7 @@ from tests.test_parallel_equivalence import TINY
 
 BASE = [t for t in TINY if not t.startswith(("train.steps", "data.split", "data.heldout"))] + ["train.micro_batch_size=4"]
 KEYS = {"step", "loss", "contrastive_loss", "generation_loss", "lr", "grad_norm", "logit_scale", "samples_per_s", "token_utilisation",
-        "tokens_per_s"}
+        "tokens_per_s", "step_time_s", "mfu", "peak_memory_gib", "data_wait_fraction"}
 
 
 def train(run_dir, *extra, resume=False, check=True):
@@ -31,6 +32,7 @@ def test_run_directory(straight):
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(KEYS <= m.keys() for m in metrics)
     assert all(m["grad_norm"] == m["grad_norm"] and m["grad_norm"] > 0 for m in metrics)  # measured, not NaN
+    assert all(m["mfu"] > 0 and 0 <= m["data_wait_fraction"] <= 1 and m["peak_memory_gib"] > 0 for m in metrics)
     evals = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines() if "zeroshot_top1" in line]
     assert len(evals) == 1 and 0 <= evals[0]["zeroshot_top1"] <= 1
     assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
@@ -57,6 +59,20 @@ def test_resume_reproduces_the_uninterrupted_run(straight, tmp_path):
             assert got[step][key] == pytest.approx(ref[step][key], rel=1e-5), (step, key)
     assert newest_checkpoint(run_dir / "checkpoints").name == "step_00000004"
     assert not (run_dir / "checkpoints" / "step_00000003").exists()  # pruned once a newer one completed
+
+
+def test_resumed_run_logs_every_step_once(straight, tmp_path):
+    """Killed after logging steps 3-4 but before their checkpoint: the rerun's rows replace them."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000004")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000002")
+    (run_dir / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text() + '{"step": 4, "lo')  # torn
+    train(run_dir, "train.steps=4", "checkpoint.every=2", "data.heldout=embedded:digits", "logging.tensorboard=true",
+          resume=True)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "zeroshot_top1" in r] == [4]
 
 
 def test_keep_prunes_old_checkpoints(tmp_path):

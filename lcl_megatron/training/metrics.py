@@ -6,17 +6,26 @@ import json
 import sys
 from pathlib import Path
 
+from lcl_megatron.utils import atomic_write_text
+
 
 class MetricsLogger:
+    """Logs of one run directory. A run resumed at `start_step` continues them: rows and events of
+    steps after it (written before an interruption, and about to be trained again) are dropped,
+    so every step appears once."""
+
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, progress: bool,
                  total_steps: int, start_step: int):
         self.enabled, self.total_steps = enabled, total_steps
-        self.file = open(Path(run_dir) / "metrics.jsonl", "a") if enabled else None
+        path = Path(run_dir) / "metrics.jsonl"
+        if enabled and path.exists():
+            drop_rows_after(path, start_step)
+        self.file = open(path, "a") if enabled else None
         self.tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
         self.bar = None
         # In a terminal a live bar; in a log file (Slurm, nohup) one line per logged step instead
         # of a carriage-return update per step.
@@ -72,3 +81,16 @@ class MetricsLogger:
             self.tb.close()
         if self.file is not None:
             self.file.close()
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of `metrics.jsonl` up to `step` (an unreadable last line, torn by a kill, goes too)."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
