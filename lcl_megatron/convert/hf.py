@@ -29,8 +29,10 @@ import yaml
 from lcl_megatron.config import Config, ConfigError
 from lcl_megatron.convert.native import CheckpointMismatch
 from lcl_megatron.convert.openclip import qkv_from_megatron
+from lcl_megatron.convert.output import OutputRefused, add_output_flags, check_output
 from lcl_megatron.data.images import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
+TO_HF = "lcl convert to-hf"
 LOADER_MODULE = "lcl_pool_project.py"
 POOL_PREFIX = "pool_project."
 _PIL_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as OpenCLIP's eval transform resizes
@@ -197,7 +199,7 @@ def export(ckpt: Path, out: Path) -> Path:
     vision = hf_vision_tensors(tensors, cfg)
     dtype = vision["vision_model.embeddings.class_embedding"].dtype
     pool_weights, pool_config = pool_project_files(tensors, cfg)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, TO_HF) as tmp:
         save_file(vision, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_vision_config(cfg, dtype), indent=2) + "\n")
         (tmp / "preprocessor_config.json").write_text(
@@ -210,14 +212,15 @@ def export(ckpt: Path, out: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="lcl convert to-hf", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=TO_HF, description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    add_output_flags(p, "output directory (written atomically)")
     args = p.parse_args(argv)
     try:
+        check_output(Path(args.out), TO_HF, is_dir=True, force=args.force, inputs=[args.checkpoint])
         out = export(Path(args.checkpoint), Path(args.out))
-    except (ConfigError, CheckpointMismatch, FileNotFoundError) as e:
-        print(f"lcl convert to-hf: {e}", file=sys.stderr)
+    except (ConfigError, CheckpointMismatch, OutputRefused, FileNotFoundError) as e:
+        print(f"{TO_HF}: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0
