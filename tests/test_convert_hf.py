@@ -51,9 +51,9 @@ def images_for(size: int) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in shapes]
 
 
-def load_loader_module(hfdir):
-    spec = importlib.util.spec_from_file_location(f"lcl_pool_project_{abs(hash(str(hfdir)))}",
-                                                  hfdir / "lcl_pool_project.py")
+def load_loader_module(hfdir, name: str = "lcl_pool_project.py"):
+    """A module the export ships, imported from the export's own copy."""
+    spec = importlib.util.spec_from_file_location(f"{name[:-3]}_{abs(hash(str(hfdir)))}", hfdir / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
