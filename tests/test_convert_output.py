@@ -13,7 +13,7 @@ from tests.test_convert_hf import random_checkpoint
 from tests.test_convert_inspect_reshard import tiny_model_config
 from tests.test_convert_openclip import run_cli
 
-DIRECTORY_COMMANDS = ("to-hf", "from-openclip", "reshard")
+DIRECTORY_COMMANDS = ("to-hf", "to-megatron-vision", "from-openclip", "reshard")
 
 
 @pytest.fixture(scope="module")
