@@ -22,18 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 import yaml
 
-from lcl_megatron.config import Config, ConfigError
-from lcl_megatron.convert.native import CheckpointMismatch
+from lcl_megatron.config import Config
 from lcl_megatron.convert.feature_selection import selection_record, selection_table
 from lcl_megatron.convert.hub import push_folder
 from lcl_megatron.convert.openclip import qkv_from_megatron
-from lcl_megatron.convert.output import OutputRefused, add_output_flags, check_output
+from lcl_megatron.convert.output import add_output_flags, write_guarded
 from lcl_megatron.data.images import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 TO_HF = "lcl convert to-hf"
@@ -275,13 +273,9 @@ def main(argv=None) -> int:
     p.add_argument("--push-to-hub", metavar="REPO",
                    help="also upload the folder to this Hugging Face Hub repo (needs huggingface_hub and the network)")
     args = p.parse_args(argv)
-    try:
-        check_output(Path(args.out), TO_HF, is_dir=True, force=args.force, inputs=[args.checkpoint])
-        out = export(Path(args.checkpoint), Path(args.out), args.license)
-    except (ConfigError, CheckpointMismatch, OutputRefused, FileNotFoundError) as e:
-        print(f"{TO_HF}: {e}", file=sys.stderr)
+    out = write_guarded(TO_HF, args, lambda: export(Path(args.checkpoint), Path(args.out), args.license))
+    if out is None:
         return 2
-    print(f"wrote {out}")
     if args.push_to_hub:
         print(push_folder(out, args.push_to_hub))
     return 0

@@ -16,16 +16,19 @@ def later(folder: Path, repo: str, why: str) -> str:
 def push_folder(folder: Path, repo: str) -> str:
     """Upload `folder` to the model repo `repo` (created if absent); a line saying what happened."""
     try:
-        import huggingface_hub
+        from huggingface_hub import HfApi, constants
     except ImportError:
         return later(folder, repo, "huggingface_hub is not installed")
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or huggingface_hub.constants.HF_HUB_OFFLINE:
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: look at the environment too.
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or constants.HF_HUB_OFFLINE:
         return later(folder, repo, "HF_HUB_OFFLINE is set")
-    api = huggingface_hub.HfApi()
+    api = HfApi()
     try:
         api.create_repo(repo, repo_type="model", exist_ok=True)
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model", ignore_patterns=IGNORE)
     except Exception as e:  # no network, no token, no rights: the export stands, the push waits
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, OSError):  # requests' connection errors are OSErrors
+            return later(folder, repo, "cannot reach the Hugging Face Hub")
+        first = (str(e).strip().splitlines() or [""])[0][:200]
         return later(folder, repo, f"{type(e).__name__}: {first}")
     return f"pushed {folder} to {getattr(commit, 'repo_url', repo)}"

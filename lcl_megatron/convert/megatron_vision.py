@@ -25,15 +25,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from lcl_megatron.config import Config, ConfigError
 from lcl_megatron.convert.feature_selection import selection_record
-from lcl_megatron.convert.native import CheckpointMismatch
-from lcl_megatron.convert.output import OutputRefused, add_output_flags, check_output
+from lcl_megatron.convert.output import add_output_flags, write_guarded
 
 TO_MEGATRON = "lcl convert to-megatron-vision"
 ITERATION = 1
@@ -120,11 +118,6 @@ def main(argv=None) -> int:
     add_output_flags(p, "output directory, a Megatron-LM checkpoint of the vision model (written atomically)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="tensor-parallel ranks to split into")
     args = p.parse_args(argv)
-    try:
-        check_output(Path(args.out), TO_MEGATRON, is_dir=True, force=args.force, inputs=[args.checkpoint])
-        out = export(Path(args.checkpoint), Path(args.out), args.tensor_parallel_size)
-    except (ConfigError, CheckpointMismatch, OutputRefused, FileNotFoundError) as e:
-        print(f"{TO_MEGATRON}: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    out = write_guarded(TO_MEGATRON, args, lambda: export(Path(args.checkpoint), Path(args.out),
+                                                          args.tensor_parallel_size))
+    return 0 if out is not None else 2

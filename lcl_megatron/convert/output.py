@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
+from lcl_megatron.config import ConfigError
+from lcl_megatron.convert.native import CheckpointMismatch
 from lcl_megatron.training.checkpoint import sha256_file
 from lcl_megatron.utils import atomic_write_text
 
@@ -125,3 +128,16 @@ def add_output_flags(parser, what: str) -> None:
                         help=f"{what}; must be absent, an empty directory, or an earlier output of this command")
     parser.add_argument("--force", action="store_true",
                         help="replace --out even if it holds other files (never the command's own input)")
+
+
+def write_guarded(command: str, args, write, errors=()) -> Path | None:
+    """Check `args.out` (a directory) against `args.checkpoint`, then `write()`; print where it
+    wrote, or one line on stderr and return None for a refusal or bad input (exit code 2)."""
+    try:
+        check_output(Path(args.out), command, is_dir=True, force=args.force, inputs=[args.checkpoint])
+        out = write()
+    except (ConfigError, CheckpointMismatch, OutputRefused, FileNotFoundError, *errors) as e:
+        print(f"{command}: {e}", file=sys.stderr)
+        return None
+    print(f"wrote {out}")
+    return out

@@ -40,7 +40,7 @@ import yaml
 
 from lcl_megatron.config import Config, ConfigError, validate_config
 from lcl_megatron.convert.native import CheckpointMismatch, check_tensors
-from lcl_megatron.convert.output import OutputRefused, add_output_flags, check_output
+from lcl_megatron.convert.output import add_output_flags, write_guarded
 from lcl_megatron.training.checkpoint import CONFIG_FILE, MODEL_FILE, read_manifest, write_manifest
 
 RESHARD = "lcl convert reshard"
@@ -401,11 +401,5 @@ def main(argv=None) -> int:
     add_output_flags(p, "output checkpoint directory (written atomically)")
     p.add_argument("--weights-only", action="store_true", help="leave out the optimizer state")
     args = p.parse_args(argv)
-    try:
-        check_output(Path(args.out), RESHARD, is_dir=True, force=args.force, inputs=[args.checkpoint])
-        out = reshard(Path(args.checkpoint), Path(args.out), parse_layout(args.layout), args.weights_only)
-    except (ConfigError, CheckpointMismatch, ReshardError, OutputRefused, FileNotFoundError) as e:
-        print(f"{RESHARD}: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    write = lambda: reshard(Path(args.checkpoint), Path(args.out), parse_layout(args.layout), args.weights_only)
+    return 0 if write_guarded(RESHARD, args, write, errors=(ReshardError,)) is not None else 2
