@@ -99,7 +99,7 @@ def test_llava_projector_receives_lcl_image_features(export):
                                    atol=1e-5, rtol=0)
 
 
-def test_card_and_record_read_the_run(export):
+def test_card_and_record_read_the_run(export, tmp_path):
     run, hfdir = export
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     top1 = [r["zeroshot_top1"] for r in evals if "zeroshot_top1" in r]
@@ -119,6 +119,10 @@ def test_card_and_record_read_the_run(export):
         "config.json", "model.safetensors", "preprocessor_config.json", "lcl_pool_project.safetensors",
         "lcl_pool_project.json", "lcl_pool_project.py", "lcl_vision_tower.py", "lcl_export.json", "README.md",
         ".lcl-convert.json"}
+    # The names save_pretrained itself writes, so the folder uploads as transformers would publish it.
+    CLIPVisionModel.from_pretrained(hfdir).save_pretrained(tmp_path / "saved")
+    CLIPImageProcessor.from_pretrained(hfdir).save_pretrained(tmp_path / "saved")
+    assert {p.name for p in (tmp_path / "saved").iterdir()} <= {p.name for p in hfdir.iterdir()}
 
 
 def test_push_to_hub_offline_says_what_to_run_later(capsys, export, tmp_path, monkeypatch):
