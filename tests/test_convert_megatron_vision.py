@@ -7,6 +7,7 @@ spec, its weights loaded strictly from the checkpoint file the export wrote.
 
 import json
 
+import pytest
 import torch
 from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.models.vision.vit_layer_specs import LNImpl, get_vit_layer_with_local_spec
@@ -35,8 +36,13 @@ def megatron_clip_vit(settings: dict, monkeypatch) -> CLIPViTModel:
     return CLIPViTModel(config, spec, ln_pre_impl=LNImpl, **settings["CLIPViTModel"]).eval()
 
 
-def test_megatron_core_clip_vit_loads_the_export_and_computes_our_features(capsys, tmp_path, monkeypatch):
-    ckpt = random_checkpoint(demo_model_config(), tmp_path / "ckpt")
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """The demo ViT (4 heads, so it splits over 2 tensor-parallel ranks), every tensor random."""
+    return random_checkpoint(demo_model_config(), tmp_path_factory.mktemp("megatron") / "ckpt")
+
+
+def test_megatron_core_clip_vit_loads_the_export_and_computes_our_features(capsys, tmp_path, monkeypatch, ckpt):
     out = tmp_path / "megatron"
     code, _, err = run_cli(capsys, "convert", "to-megatron-vision", "--checkpoint", ckpt, "--out", out)
     assert code == 0, err
@@ -65,8 +71,7 @@ def test_megatron_core_clip_vit_loads_the_export_and_computes_our_features(capsy
         torch.testing.assert_close(vit(images)[:, 1:], ours, atol=1e-5, rtol=0)
 
 
-def test_tensor_parallel_shards_are_the_whole_split_as_megatron_splits_it(capsys, tmp_path):
-    ckpt = random_checkpoint(demo_model_config(), tmp_path / "ckpt")
+def test_tensor_parallel_shards_are_the_whole_split_as_megatron_splits_it(capsys, tmp_path, ckpt):
     for tp in (1, 2):
         code, _, err = run_cli(capsys, "convert", "to-megatron-vision", "--checkpoint", ckpt, "--out", tmp_path / f"tp{tp}",
                                "--tensor-parallel-size", tp)
