@@ -6,11 +6,14 @@ one line on stderr and exit code 2, and leaves every file as it was.
 """
 
 import hashlib
+import subprocess
+import sys
 
 import pytest
 
 from tests.test_convert_hf import random_checkpoint
 from tests.test_convert_inspect_reshard import tiny_model_config
+from tests.paths import REPO
 from tests.test_convert_openclip import run_cli
 
 DIRECTORY_COMMANDS = ("to-hf", "to-megatron-vision", "from-openclip", "reshard")
@@ -119,3 +122,16 @@ def test_to_openclip_refuses_directories_foreign_files_and_read_only_places(caps
     assert_refused(capsys, argv(ours), ours, says="changed since")
     assert run_cli(capsys, *argv(theirs, "--force"))[0] == 0
     assert theirs.read_bytes() == sources["pt"].read_bytes()
+
+
+@pytest.mark.slow
+def test_the_lcl_process_refuses_its_run_directory_with_one_line(tmp_path, sources):
+    """As typed: `lcl convert to-hf --checkpoint runs/x --out runs/x` once erased the whole run."""
+    before = snapshot(sources["run"])
+    proc = subprocess.run([sys.executable, "-m", "lcl_megatron.cli", "convert", "to-hf", "--checkpoint",
+                           str(sources["run"]), "--out", str(sources["run"])],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "would replace the input" in proc.stderr
+    assert snapshot(sources["run"]) == before
