@@ -20,6 +20,7 @@ COMMANDS = {
     ("convert", "from-openclip"): "lcl_megatron.convert.openclip:from_openclip_main",
     ("convert", "to-openclip"): "lcl_megatron.convert.openclip:to_openclip_main",
     ("convert", "to-hf"): "lcl_megatron.convert.hf:main",
+    ("convert", "to-megatron-vision"): "lcl_megatron.convert.megatron_vision:main",
     ("convert", "reshard"): "lcl_megatron.convert.reshard:main",
     ("convert", "inspect"): "lcl_megatron.convert.inspect:main",
     ("plan",): "lcl_megatron.plan:main",

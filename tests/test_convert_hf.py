@@ -40,7 +40,8 @@ def random_checkpoint(model_cfg: ModelConfig, out, seed: int = 0):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    return write_checkpoint(out, cfg, model_tensors(model.state_dict()), meta={"step": 1234, "source": "test"})
+    return write_checkpoint(out, cfg, model_tensors(model.state_dict()), meta={"step": 1234, "source": "test"},
+                            written_by="tests: random_checkpoint")
 
 
 def images_for(size: int) -> list[Image.Image]:
@@ -50,9 +51,9 @@ def images_for(size: int) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in shapes]
 
 
-def load_loader_module(hfdir):
-    spec = importlib.util.spec_from_file_location(f"lcl_pool_project_{abs(hash(str(hfdir)))}",
-                                                  hfdir / "lcl_pool_project.py")
+def load_loader_module(hfdir, name: str = "lcl_pool_project.py"):
+    """A module the export ships, imported from the export's own copy."""
+    spec = importlib.util.spec_from_file_location(f"{name[:-3]}_{abs(hash(str(hfdir)))}", hfdir / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -105,10 +106,11 @@ def test_refuses_checkpoints_that_do_not_check_out(capsys, tmp_path):
     from lcl_megatron.training.checkpoint import read_manifest, write_manifest
 
     write_manifest(ckpt, {k: v for k, v in read_manifest(ckpt).items() if k != "files"})
-    code, _, err = run_cli(capsys, "convert", "to-hf", "--checkpoint", ckpt, "--out", tmp_path / "hf")
+    # --force, so that the checkpoint is what gets refused, not the folder of another export.
+    code, _, err = run_cli(capsys, "convert", "to-hf", "--checkpoint", ckpt, "--out", tmp_path / "hf", "--force")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "visual.layers.3" in err, err
     (ckpt / "config.yaml").write_text(config)  # now its checksum no longer matches COMPLETE
-    code, _, err = run_cli(capsys, "convert", "to-hf", "--checkpoint", ckpt, "--out", tmp_path / "hf")
+    code, _, err = run_cli(capsys, "convert", "to-hf", "--checkpoint", ckpt, "--out", tmp_path / "hf", "--force")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "config.yaml" in err and "SHA-256" in err, err
     # A failed export leaves what was there.
     assert [p.name for p in (tmp_path / "hf").iterdir()] == ["keep.txt"]

@@ -22,6 +22,7 @@ import torch
 from lcl_megatron import tokens
 from lcl_megatron.config import Config, ConfigError, ModelConfig, TextConfig, VisionConfig, validate_model
 from lcl_megatron.convert.native import CheckpointMismatch, check_tensors
+from lcl_megatron.convert.output import OutputRefused, add_output_flags, check_output, mark_file
 
 # (OpenCLIP name pattern, our name pattern); {i} is a layer index, {t} is "visual" or "text".
 _TOWER_LAYER = [
@@ -200,22 +201,22 @@ def read_openclip_checkpoint(path: Path) -> dict:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
-def _parse(prog: str, argv, *specs):
-    p = argparse.ArgumentParser(prog=prog)
-    for flag, kwargs in specs:
-        p.add_argument(flag, **kwargs)
-    return p.parse_args(argv)
+FROM_OPENCLIP = "lcl convert from-openclip"
+TO_OPENCLIP = "lcl convert to-openclip"
 
 
 def from_openclip_main(argv=None) -> int:
     from lcl_megatron.convert.writer import write_checkpoint
     from lcl_megatron.model.build import expected_tensor_shapes
 
-    args = _parse("lcl convert from-openclip", argv,
-                  ("--checkpoint", {"required": True, "help": "OpenCLIP-format LCL checkpoint (.pt)"}),
-                  ("--model-config", {"required": True, "help": "its OpenCLIP model-config JSON"}),
-                  ("--out", {"required": True, "help": "output checkpoint directory"}))
+    p = argparse.ArgumentParser(prog=FROM_OPENCLIP)
+    p.add_argument("--checkpoint", required=True, help="OpenCLIP-format LCL checkpoint (.pt)")
+    p.add_argument("--model-config", required=True, help="its OpenCLIP model-config JSON")
+    add_output_flags(p, "output checkpoint directory")
+    args = p.parse_args(argv)
     try:
+        check_output(Path(args.out), FROM_OPENCLIP, is_dir=True, force=args.force,
+                     inputs=[args.checkpoint, args.model_config])
         try:
             oc = json.loads(Path(args.model_config).read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -224,39 +225,47 @@ def from_openclip_main(argv=None) -> int:
         sd = read_openclip_checkpoint(Path(args.checkpoint))
         tensors = from_openclip_state_dict(sd, model_cfg)
         check_tensors(expected_tensor_shapes(model_cfg), tensors)
-    except (ConfigError, CheckpointMismatch) as e:
-        print(f"lcl convert from-openclip: {e}", file=sys.stderr)
+        cfg = Config(model=model_cfg)
+        out = write_checkpoint(Path(args.out), cfg, tensors, written_by=FROM_OPENCLIP,
+                               meta={"source": str(args.checkpoint), "format": "openclip"})
+    except (ConfigError, CheckpointMismatch, OutputRefused, OSError) as e:
+        print(f"{FROM_OPENCLIP}: {e}", file=sys.stderr)
         return 2
-    cfg = Config(model=model_cfg)
-    out = write_checkpoint(Path(args.out), cfg, tensors, meta={"source": str(args.checkpoint), "format": "openclip"})
     print(f"wrote {out}")
     return 0
 
 
 def to_openclip_main(argv=None) -> int:
+    import io
+
     from lcl_megatron.convert.inspect import open_checkpoint
     from lcl_megatron.convert.writer import read_checkpoint
+    from lcl_megatron.utils import atomic_write_bytes, atomic_write_text
 
-    args = _parse("lcl convert to-openclip", argv,
-                  ("--checkpoint", {"required": True, "help": "our checkpoint (directory)"}),
-                  ("--out", {"required": True, "help": "output .pt file (a bare OpenCLIP state dict)"}),
-                  ("--model-config-out", {"help": "also write the OpenCLIP model-config JSON here"}))
+    p = argparse.ArgumentParser(prog=TO_OPENCLIP)
+    p.add_argument("--checkpoint", required=True, help="our checkpoint (directory)")
+    add_output_flags(p, "output .pt file (a bare OpenCLIP state dict)")
+    p.add_argument("--model-config-out", help="also write the OpenCLIP model-config JSON here (same rules as --out)")
+    args = p.parse_args(argv)
+    outs = [Path(args.out)] + ([Path(args.model_config_out)] if args.model_config_out else [])
     try:
+        for out in outs:
+            check_output(out, TO_OPENCLIP, is_dir=False, force=args.force, inputs=[args.checkpoint])
         ckpt, _ = open_checkpoint(Path(args.checkpoint))  # every file against its checksum
         cfg, tensors = read_checkpoint(ckpt)
         sd = to_openclip_state_dict(tensors, cfg.model)
-    except (ConfigError, CheckpointMismatch, FileNotFoundError) as e:
-        print(f"lcl convert to-openclip: {e}", file=sys.stderr)
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        atomic_write_bytes(args.out, buf.getvalue())
+        mark_file(Path(args.out), TO_OPENCLIP)
+        if args.model_config_out:
+            atomic_write_text(args.model_config_out, json.dumps(model_config_to_openclip(cfg.model), indent=1))
+            mark_file(Path(args.model_config_out), TO_OPENCLIP)
+    except (ConfigError, CheckpointMismatch, OutputRefused, FileNotFoundError) as e:
+        print(f"{TO_OPENCLIP}: {e}", file=sys.stderr)
         return 2
-    from lcl_megatron.utils import atomic_write_bytes
-    import io
-
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    atomic_write_bytes(args.out, buf.getvalue())
-    if args.model_config_out:
-        from lcl_megatron.utils import atomic_write_text
-
-        atomic_write_text(args.model_config_out, json.dumps(model_config_to_openclip(cfg.model), indent=1))
+    except OSError as e:  # a read-only place or a full disk, found while writing
+        print(f"{TO_OPENCLIP}: cannot write '{e.filename or args.out}': {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}")
     return 0

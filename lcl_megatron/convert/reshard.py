@@ -40,8 +40,10 @@ import yaml
 
 from lcl_megatron.config import Config, ConfigError, validate_config
 from lcl_megatron.convert.native import CheckpointMismatch, check_tensors
+from lcl_megatron.convert.output import add_output_flags, write_guarded
 from lcl_megatron.training.checkpoint import CONFIG_FILE, MODEL_FILE, read_manifest, write_manifest
 
+RESHARD = "lcl convert reshard"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_STATE = "optimizer.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -368,7 +370,7 @@ def reshard(src: Path, out: Path, layout: dict, weights_only: bool = False) -> P
     canonical = (ckpt / OPTIMIZER_TENSORS).is_file()
     if not weights_only and not canonical and not _has_deepspeed_state(manifest):
         raise ReshardError(f"checkpoint '{ckpt}' holds no optimizer state; --weights-only writes the weights alone")
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, RESHARD) as tmp:
         if not weights_only:
             if canonical:
                 for name in (OPTIMIZER_TENSORS, OPTIMIZER_STATE):
@@ -393,16 +395,11 @@ def reshard(src: Path, out: Path, layout: dict, weights_only: bool = False) -> P
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="lcl convert reshard", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=RESHARD, description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     p.add_argument("--layout", required=True, help="tp=N,pp=N,dp=N[,zero=0-3] or 'consolidated' (tp=pp=dp=1)")
-    p.add_argument("--out", required=True, help="output checkpoint directory (replaced atomically)")
+    add_output_flags(p, "output checkpoint directory (written atomically)")
     p.add_argument("--weights-only", action="store_true", help="leave out the optimizer state")
     args = p.parse_args(argv)
-    try:
-        out = reshard(Path(args.checkpoint), Path(args.out), parse_layout(args.layout), args.weights_only)
-    except (ConfigError, CheckpointMismatch, ReshardError, FileNotFoundError) as e:
-        print(f"lcl convert reshard: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    write = lambda: reshard(Path(args.checkpoint), Path(args.out), parse_layout(args.layout), args.weights_only)
+    return 0 if write_guarded(RESHARD, args, write, errors=(ReshardError,)) is not None else 2

@@ -12,20 +12,24 @@ import yaml
 
 from lcl_megatron.config import Config, ConfigError, config_from_dict
 from lcl_megatron.convert.native import CheckpointMismatch, check_tensors
+from lcl_megatron.convert.output import mark_directory
 from lcl_megatron.training.checkpoint import (CONFIG_FILE, MODEL_FILE, load_model_file, resolve_checkpoint,
                                               save_model_file, write_manifest)
 
 
 @contextlib.contextmanager
-def atomic_directory(out: Path):
+def atomic_directory(out: Path, written_by: str):
     """Yield a temporary sibling directory to fill; on success it replaces `out` in one rename.
 
-    A crash or an error leaves `out` as it was (an old `out` is only removed after the swap)."""
+    A crash or an error leaves `out` as it was (an old `out` is only removed after the swap).
+    `written_by` (the command) is recorded inside, so a later run knows the folder as its own
+    (convert/output.py); callers check `out` with `check_output` first."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         yield tmp
+        mark_directory(tmp, written_by)
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
@@ -38,9 +42,9 @@ def atomic_directory(out: Path):
         raise
 
 
-def write_checkpoint(out: Path, cfg: Config, tensors: dict, meta: dict) -> Path:
+def write_checkpoint(out: Path, cfg: Config, tensors: dict, meta: dict, written_by: str) -> Path:
     """Write atomically: into a temporary sibling directory, then rename into place."""
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, written_by) as tmp:
         save_model_file(tensors, tmp / MODEL_FILE)
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_manifest(tmp, {"step": 0, **meta})
