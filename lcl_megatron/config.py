@@ -146,6 +146,8 @@ class LoggingConfig:
     every: int = 10
     tensorboard: bool = True
     progress: bool = True
+    wandb: bool = False  # also log to Weights & Biases (needs the wandb package; WANDB_MODE=offline works without network)
+    wandb_project: str = "lcl-megatron"
 
 
 @dataclass

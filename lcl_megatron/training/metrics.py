@@ -1,4 +1,5 @@
-"""Per-run logging: `metrics.jsonl` (one JSON object per logged step), TensorBoard, a progress bar."""
+"""Per-run logging: `metrics.jsonl` (one JSON object per logged step), TensorBoard, Weights & Biases
+(optional), a progress bar."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ class MetricsLogger:
     so every step appears once."""
 
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, progress: bool,
-                 total_steps: int, start_step: int):
+                 total_steps: int, start_step: int, wandb=None):
         self.enabled, self.total_steps = enabled, total_steps
+        self.wandb = wandb if enabled else None  # a WandbRun (training/wandb_run.py) or None
         path = Path(run_dir) / "metrics.jsonl"
         if enabled and path.exists():
             drop_rows_after(path, start_step)
@@ -45,6 +47,8 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(f"train/{key}", value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(record, record["step"], "train")
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
         if self.lines:
@@ -73,8 +77,12 @@ class MetricsLogger:
         if self.tb is not None:
             for key, value in values.items():
                 self.tb.add_scalar(f"eval/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step, "eval")
 
     def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:

@@ -32,6 +32,13 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_layout(cfg.parallel, world_size_from_env())
+        if cfg.logging.wandb:
+            from lcl_megatron.training.wandb_run import WandbUnavailable, require_wandb
+
+            try:
+                require_wandb()
+            except WandbUnavailable as e:
+                raise ConfigError(str(e)) from None
         init_from = None
         if args.init_from:
             from lcl_megatron.training.checkpoint import resolve_checkpoint
@@ -107,6 +114,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     from lcl_megatron.training.engine import TrainingError
     from lcl_megatron.training.profiling import StepProfiler, dump_cuda_memory_snapshot, record_cuda_memory_history
     from lcl_megatron.training.throughput import StepMeter
+    from lcl_megatron.training.wandb_run import WandbRun
     from lcl_megatron.training.preemption import PreemptionWatcher
     from lcl_megatron.utils import atomic_write_text
 
@@ -147,8 +155,10 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
             print(f"lcl train: no complete checkpoint in {ckpt_root}; starting from scratch", file=sys.stderr)
     resumed_step = step
 
+    wandb = WandbRun(run_dir, project=cfg.logging.wandb_project, name=cfg.run.name, config=cfg.to_dict()) \
+        if cfg.logging.wandb and is_main_process() else None
     log = MetricsLogger(run_dir, enabled=is_main_process(), tensorboard=cfg.logging.tensorboard,
-                        progress=cfg.logging.progress, total_steps=cfg.train.steps, start_step=step)
+                        progress=cfg.logging.progress, total_steps=cfg.train.steps, start_step=step, wandb=wandb)
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accumulation * cfg.model.text.context_length
     batches = TimedBatches(micro_batch_source(loader, engine, reader))
     meter = StepMeter(cfg, torch.device(engine.device).type, model) if is_main_process() else None
