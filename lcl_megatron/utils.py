@@ -9,6 +9,22 @@ from pathlib import Path
 from typing import Callable
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: done once, at import, before any thread
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a file or directory made by mkstemp/mkdtemp (always 0600/0700) the mode a plain
+    open() or mkdir() would, so that teammates the umask lets read a run can read it."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~_UMASK)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Let `write` fill a temporary sibling of `path`, then rename it into place: readers
     see the old file or the new one, never a torn one."""
@@ -18,6 +34,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     os.close(fd)
     try:
         write(Path(tmp))
+        follow_umask(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -33,8 +33,11 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(f"train/{key}", value, record["step"])
+            for reason, count in record.get("data_skipped", {}).items():
+                self.tb.add_scalar(f"data/{reason}", count, record["step"])
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}",
+                                 **record.get("data_skipped", {}))
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
