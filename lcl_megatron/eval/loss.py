@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 
 import torch
@@ -38,6 +39,9 @@ def main(argv=None) -> int:
     try:
         try:
             batch = torch.load(args.batch, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # torch's text would advise weights_only=False, i.e. running the file's code
+            raise ConfigError(f"batch '{args.batch}' holds objects other than tensors and plain containers; "
+                              "refused, since loading them could run code") from None
         except (OSError, RuntimeError, EOFError) as e:
             raise ConfigError(f"cannot read batch '{args.batch}': {str(e).splitlines()[0]}") from None
         if not isinstance(batch, dict) or not {"images", "input_ids"} <= batch.keys():

@@ -206,7 +206,7 @@ def skipped_counts(loader, cfg: Config) -> dict:
 
 def pick_resume_checkpoint(ckpt_root: Path, cfg: Config) -> Path | None:
     """Collective: the newest complete checkpoint whose files all match their manifest. One that
-    does not is passed over with a warning (the run continues from the one before); none left
+    does not is set aside with a warning and the run continues from the one before; none left
     that matches, or a model config that differs from the run's, is a ConfigError."""
     import yaml
 
@@ -224,8 +224,11 @@ def pick_resume_checkpoint(ckpt_root: Path, cfg: Config) -> Path | None:
                                   + ", ".join(differ) + "; resume with the run's model config")
             return candidate
         if is_main_process():
-            print(f"lcl train: warning: {problem}; falling back to the previous complete checkpoint",
-                  file=sys.stderr, flush=True)
+            # Renamed, not deleted: kept for the user to inspect, but never found, loaded or pruned again.
+            aside = candidate.with_name(candidate.name + ".damaged")
+            candidate.rename(aside)
+            print(f"lcl train: warning: {problem}; moved it to {aside.name} and falling back to the previous "
+                  "complete checkpoint", file=sys.stderr, flush=True)
     if candidates:
         raise ConfigError(f"--resume: no checkpoint in '{ckpt_root}' matches its manifest "
                           f"({', '.join(c.name for c in candidates)} are damaged); set run.dir to a fresh directory "
