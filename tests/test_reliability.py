@@ -22,7 +22,7 @@ from PIL import Image as PILImage
 
 from lcl_megatron.config import load_config
 from lcl_megatron.data.shards import write_shard
-from lcl_megatron.training.checkpoint import COMPLETE, complete_checkpoints, is_complete
+from lcl_megatron.training.checkpoint import COMPLETE, complete_checkpoints
 from tests.launch import LCL, REPO, read_metrics, run_lcl
 from tests.test_parallel_equivalence import TINY
 from tests.test_train import with_base
