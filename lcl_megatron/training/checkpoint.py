@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +59,11 @@ def _safe_globals():
 
 def safe_torch_load(path, map_location="cpu"):
     with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:  # torch's own text would advise weights_only=False: running the file's code
+            raise CheckpointError(f"'{path}' holds objects other than tensors and plain data; refused, since "
+                                  "loading them could run code") from None
 
 
 class SafeCheckpointEngine(TorchCheckpointEngine):
