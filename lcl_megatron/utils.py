@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+from lcl_megatron.errors import UserError
+
+
+class DiskFull(UserError):
+    """A write failed because its file system has no space left."""
+
+
+_FULL_BELOW = 1 << 20  # free bytes under which a failed write is put down to a full disk
 
 
 def _read_umask() -> int:
@@ -38,6 +48,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        # Writers report a full disk in their own words (torch: "unexpected pos"); ask the disk
+        # while the partial file still fills it.
+        stat = os.statvfs(path.parent)
+        if getattr(e, "errno", None) == errno.ENOSPC or stat.f_bavail * stat.f_frsize < _FULL_BELOW:
+            raise DiskFull(f"the disk is full: could not write '{path}'") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -353,6 +353,28 @@ def test_run_dir_that_cannot_be_a_directory_is_refused(tmp_path, where):
     assert snapshot(tmp_path) == before
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 80 MB file system: room for one checkpoint of the tiny model (52 MB), not two."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small file system needs root")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays(small_disk):
+    from lcl_megatron.training.checkpoint import verify_checkpoint
+
+    run_dir = small_disk / "run"
+    proc = run_lcl(train_args(run_dir, "train.steps=2", "checkpoint.every=1", "data.heldout="), check=False)
+    refused(proc, "the disk is full", f"{STEP1} is intact", "--resume")
+    assert [c.name for c in complete_checkpoints(run_dir / "checkpoints")] == [STEP1]
+    verify_checkpoint(run_dir / "checkpoints" / STEP1)  # every file matches its manifest
+
+
 @pytest.mark.slow  # trains (the shared run fixture)
 def test_resume_with_another_model_config_is_refused_before_anything_is_written(run, tmp_path):
     run_dir = tmp_path / "run"

@@ -111,7 +111,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
                                               plain_train_step)
     from lcl_megatron.training.metrics import MetricsLogger
     from lcl_megatron.training.preemption import PreemptionWatcher
-    from lcl_megatron.utils import atomic_write_text
+    from lcl_megatron.utils import DiskFull, atomic_write_text
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     init_distributed(cfg.parallel, timeout_s=cfg.parallel.timeout_s)
@@ -127,9 +127,17 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     engine = build_engine(cfg, model)
     train_step = pipeline_train_step if is_pipeline(engine) else plain_train_step
     loader = build_loader(cfg, dp_rank, dp_size)
-    save = lambda step: ckpt.save_checkpoint(engine, ckpt_root, step, config_text=config_text,
-                                             loader_state=loader.state_dict(), dp_rank=dp_rank,
-                                             keep=cfg.checkpoint.keep, vocab_size=cfg.model.text.vocab_size)
+
+    def save(step: int) -> Path:
+        try:
+            return ckpt.save_checkpoint(engine, ckpt_root, step, config_text=config_text,
+                                        loader_state=loader.state_dict(), dp_rank=dp_rank,
+                                        keep=cfg.checkpoint.keep, vocab_size=cfg.model.text.vocab_size)
+        except DiskFull as e:
+            intact = ckpt.newest_checkpoint(ckpt_root)
+            raise DiskFull(f"{e}; the checkpoint of step {step} was not saved, "
+                           + (f"{intact} is intact: free space, then continue with --resume" if intact else
+                              "and there is no earlier one: free space and start again")) from None
     step = 0
     if newest is not None:
         step, loader_state = ckpt.load_checkpoint(engine, newest, dp_rank)
