@@ -41,6 +41,20 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def run(name: str, entry, argv: list[str]) -> int:
+    """Run one subcommand: a user's mistake becomes one line and exit code 2, Ctrl-C exit code 130."""
+    from lcl_megatron.errors import UserError
+
+    try:
+        return int(entry(argv) or 0)
+    except UserError as e:
+        print(f"lcl {name}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"lcl {name}: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     for words, target in sorted(COMMANDS.items(), key=lambda kv: -len(kv[0])):
@@ -53,7 +67,7 @@ def main(argv=None) -> int:
                     print(f"lcl: '{' '.join(words)}' is not available in this install", file=sys.stderr)
                     return 2
                 raise
-            return int(getattr(module, func_name)(argv[len(words):]) or 0)
+            return run(" ".join(words), getattr(module, func_name), argv[len(words):])
     print(_usage(), file=sys.stderr)
     return 0 if argv[:1] in (["-h"], ["--help"]) else 2
 

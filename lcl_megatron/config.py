@@ -19,9 +19,10 @@ from pathlib import Path
 import yaml
 
 from lcl_megatron import tokens
+from lcl_megatron.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user error in the configuration: printed as one line, exit code 2."""
 
 
@@ -189,13 +190,18 @@ def _coerce(value, typ, key: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif typ is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+            return number
     elif typ is str:
         if isinstance(value, str):
             return value
@@ -224,7 +230,17 @@ def _merge(obj, updates: dict, prefix: str = ""):
 
 
 class _ConfigLoader(yaml.SafeLoader):
-    """YAML as configs mean it: `10:12` is the text "10:12", not YAML 1.1's base-60 number 612."""
+    """YAML as configs mean it: `10:12` is the text "10:12", not YAML 1.1's base-60 number 612,
+    and a mapping refuses a key given twice (PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"config key '{key}' is given twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _ConfigLoader.yaml_implicit_resolvers = {
@@ -241,8 +257,29 @@ def load_yaml(text: str):
     return yaml.load(text, Loader=_ConfigLoader)
 
 
+def _merge_override(tree: dict, key: str, value, item: str) -> None:
+    """Put `value` at the dotted `key` of `tree`; a mapping merges key by key, and a key
+    that is already set is an error (the same key given twice)."""
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{item}' conflicts with another override")
+    name = parts[-1]
+    if isinstance(value, dict) and isinstance(node.get(name, {}), dict):
+        node.setdefault(name, {})
+        for sub, sub_value in value.items():
+            _merge_override(tree, f"{key}.{sub}", sub_value, item)
+    elif name in node:
+        raise ConfigError(f"config key '{key}' is given twice in the overrides")
+    else:
+        node[name] = value
+
+
 def parse_overrides(overrides: list[str]) -> dict:
-    """["a.b=1", "c=x"] -> {"a": {"b": 1}, "c": "x"}; values are parsed as YAML."""
+    """["a.b=1", "c=x"] -> {"a": {"b": 1}, "c": "x"}; values are parsed as YAML, and a section
+    given as a mapping ('train={steps: 3}') sets only the keys it names."""
     tree: dict = {}
     for item in overrides:
         if "=" not in item:
@@ -250,15 +287,11 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         try:
             value = load_yaml(raw) if raw != "" else ""
+        except ConfigError:
+            raise
         except yaml.YAMLError:
             value = raw
-        node = tree
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' conflicts with another override")
-        node[parts[-1]] = value
+        _merge_override(tree, key.strip(), value, item)
     return tree
 
 
@@ -266,9 +299,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     cfg = Config()
     if path is not None:
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"cannot read config file '{path}': {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.start})") from None
         try:
             data = load_yaml(text) or {}
         except yaml.YAMLError as e:
@@ -321,8 +356,10 @@ def validate_model(m: ModelConfig) -> None:
     _require(t.heads % groups == 0, "model.text.num_query_groups", f"must divide model.text.heads ({t.heads}), got {groups}")
     _require(t.arch == "llama" or groups == t.heads, "model.text.num_query_groups",
              "is only supported with model.text.arch=llama")
-    _require(t.context_length > v.num_patches + 3, "model.text.context_length",
-             f"must exceed the image run of {v.num_patches + 2} tokens, got {t.context_length}")
+    shortest = v.num_patches + 4  # <start_of_text>, the image run (<start_of_img>, P patches, <end_of_img>), a token
+    _require(t.context_length >= shortest, "model.text.context_length",
+             f"must be at least {shortest} (<start_of_text>, an image run of {v.num_patches + 2} tokens and one "
+             f"more token), got {t.context_length}")
     _require(m.max_logit_scale > 0, "model.max_logit_scale", "must be positive")
 
 

@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+from lcl_megatron.errors import UserError
+
+
+class DiskFull(UserError):
+    """A write failed because its file system has no space left."""
+
+
+_FULL_BELOW = 1 << 20  # free bytes under which a failed write is put down to a full disk
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: done once, at import, before any thread
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a file or directory made by mkstemp/mkdtemp (always 0600/0700) the mode a plain
+    open() or mkdir() would, so that teammates the umask lets read a run can read it."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~_UMASK)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
@@ -18,9 +44,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     os.close(fd)
     try:
         write(Path(tmp))
+        follow_umask(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        # Writers report a full disk in their own words (torch: "unexpected pos"); ask the disk
+        # while the partial file still fills it.
+        stat = os.statvfs(path.parent)
+        if getattr(e, "errno", None) == errno.ENOSPC or stat.f_bavail * stat.f_frsize < _FULL_BELOW:
+            raise DiskFull(f"the disk is full: could not write '{path}'") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

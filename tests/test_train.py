@@ -15,8 +15,14 @@ KEYS = {"step", "loss", "contrastive_loss", "generation_loss", "lr", "grad_norm"
         "tokens_per_s", "step_time_s", "mfu", "peak_memory_gib", "data_wait_fraction"}
 
 
+def with_base(*extra) -> list[str]:
+    """BASE with the keys `extra` sets replaced (a key given twice is an error)."""
+    given = {e.split("=", 1)[0] for e in extra if "=" in e}
+    return [b for b in BASE if b.split("=", 1)[0] not in given] + list(extra)
+
+
 def train(run_dir, *extra, resume=False, check=True):
-    args = ["train", "--config", "configs/demo.yaml", *BASE, f"run.dir={run_dir}", *extra]
+    args = ["train", "--config", "configs/demo.yaml", *with_base(*extra), f"run.dir={run_dir}"]
     return run_lcl(args + (["--resume"] if resume else []), check=check)
 
 

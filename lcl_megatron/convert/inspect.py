@@ -20,45 +20,13 @@ import torch
 
 from lcl_megatron.config import ConfigError
 from lcl_megatron.convert.native import CheckpointMismatch
-from lcl_megatron.training.checkpoint import (COMPLETE, MODEL_FILE, sha256_file, read_manifest,
-                                              resolve_checkpoint, safe_torch_load)
-
-
-def find_checkpoint(path: Path) -> Path:
-    """A checkpoint directory given as itself, or a run directory's newest complete one."""
-    path = Path(path)
-    if (path / COMPLETE).is_file():
-        return path
-    if (path / MODEL_FILE).exists() or any(path.glob("*model_states.pt")):
-        raise CheckpointMismatch(f"checkpoint '{path}' has no {COMPLETE} manifest: its save never finished")
-    return resolve_checkpoint(path)
-
-
-def verify_files(ckpt: Path) -> dict:
-    """Check every file the manifest lists; return the manifest."""
-    try:
-        manifest = read_manifest(ckpt)
-        listed = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointMismatch(f"checkpoint '{ckpt}' has an unreadable {COMPLETE} manifest: {e}") from None
-    for name, entry in sorted(listed.items()):
-        path = ckpt / name
-        if not path.is_file():
-            raise CheckpointMismatch(f"checkpoint '{ckpt}': shard '{name}' listed in {COMPLETE} is missing")
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            state = "truncated" if size < entry["bytes"] else "longer than recorded"
-            raise CheckpointMismatch(f"checkpoint '{ckpt}': shard '{name}' is {state} "
-                                     f"({size} bytes, {COMPLETE} says {entry['bytes']})")
-        if sha256_file(path) != entry["sha256"]:
-            raise CheckpointMismatch(f"checkpoint '{ckpt}': shard '{name}' does not match its SHA-256 in {COMPLETE}")
-    return manifest
+from lcl_megatron.training.checkpoint import read_manifest, resolve_checkpoint, safe_torch_load
 
 
 def open_checkpoint(path: Path) -> tuple[Path, dict]:
-    """(checkpoint directory, manifest) after verifying every listed file."""
-    ckpt = find_checkpoint(Path(path))
-    return ckpt, verify_files(ckpt)
+    """(checkpoint directory, manifest); `read_checkpoint` checks every listed file as it loads."""
+    ckpt = resolve_checkpoint(Path(path))
+    return ckpt, read_manifest(ckpt)
 
 
 def _tensor_stats(obj) -> dict:

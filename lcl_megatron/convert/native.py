@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from lcl_megatron.errors import UserError
 
-class CheckpointMismatch(ValueError):
+
+class CheckpointMismatch(UserError, ValueError):
     """Tensors that do not fit the model: one line listing them (CLI exit code 2)."""
 
 

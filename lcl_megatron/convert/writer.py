@@ -9,12 +9,14 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from safetensors.torch import load as load_safetensors_bytes
 
 from lcl_megatron.config import Config, ConfigError, config_from_dict
 from lcl_megatron.convert.native import CheckpointMismatch, check_tensors
 from lcl_megatron.convert.output import mark_directory
-from lcl_megatron.training.checkpoint import (CONFIG_FILE, MODEL_FILE, load_model_file, resolve_checkpoint,
-                                              save_model_file, write_manifest)
+from lcl_megatron.training.checkpoint import (CONFIG_FILE, MODEL_FILE, CheckpointError, resolve_checkpoint,
+                                              save_model_file, verify_checkpoint, write_manifest)
+from lcl_megatron.utils import follow_umask
 
 
 @contextlib.contextmanager
@@ -27,6 +29,7 @@ def atomic_directory(out: Path, written_by: str):
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    follow_umask(tmp)
     try:
         yield tmp
         mark_directory(tmp, written_by)
@@ -52,15 +55,19 @@ def write_checkpoint(out: Path, cfg: Config, tensors: dict, meta: dict, written_
 
 
 def read_checkpoint(path: Path, check: bool = True) -> tuple[Config, dict]:
-    """(config, tensors) of a checkpoint directory or a run directory's newest checkpoint."""
+    """(config, tensors) of a checkpoint directory or a run directory's newest checkpoint,
+    after checking every file its manifest lists (each read once, in parallel)."""
     ckpt = resolve_checkpoint(path)
+    verified = verify_checkpoint(ckpt, keep=(MODEL_FILE, CONFIG_FILE))
+    if MODEL_FILE not in verified:
+        raise CheckpointError(f"checkpoint '{ckpt}' lists no {MODEL_FILE} in its manifest")
     try:
-        cfg = config_from_dict(yaml.safe_load((ckpt / CONFIG_FILE).read_text()))
+        cfg = config_from_dict(yaml.safe_load(verified.get(CONFIG_FILE) or (ckpt / CONFIG_FILE).read_bytes()))
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"checkpoint '{ckpt}' has no readable {CONFIG_FILE}: {e}") from None
     try:
-        tensors = load_model_file(ckpt / MODEL_FILE)
-    except Exception as e:  # safetensors raises its own error types for truncated files
+        tensors = load_safetensors_bytes(verified[MODEL_FILE])
+    except Exception as e:  # safetensors raises its own error types for damaged files
         raise CheckpointMismatch(f"cannot read '{ckpt / MODEL_FILE}': {str(e).splitlines()[0]}") from None
     if check:
         from lcl_megatron.model.build import expected_tensor_shapes

@@ -32,6 +32,7 @@ import itertools
 import json
 import os
 import random
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,9 @@ from lcl_megatron.data.shards import ShardError, read_shard
 
 PAIR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MAX_SKIPPED_IN_A_ROW = 10_000
+# What `loader.stats` counts of input it could not use; training reports each of them.
+SKIP_REASONS = ("skipped_bad_json", "skipped_bad_text", "skipped_no_image", "skipped_unknown_sample",
+                "images_missing", "images_corrupt", "shards_unreadable")
 
 
 def derive_seed(*parts) -> int:
@@ -115,14 +119,25 @@ def sample_to_row(sample: dict, rng: random.Random, tokenizer, settings: SampleS
                   stats: Counter) -> tuple[list[int], list[torch.Tensor]]:
     """One shard sample -> (ids, image tensors); raises _Skip(reason) for unusable samples.
 
-    Kinds: a document (`json` with "items"), an MMC4 document (`json` with
-    "text_list"/"image_info" and image files named by `image_name`), or an
-    image-text pair (`txt` plus jpg/jpeg/png/webp).
+    The kind is told by what the sample holds: a document (`json` with "items"),
+    an MMC4 document (`json` with "text_list"/"image_info" and image files named
+    by `image_name`), or an image-text pair (`txt` plus jpg/jpeg/png/webp; a
+    `json` beside them is the pair's metadata, as img2dataset writes url,
+    caption, width, height and status for every LAION sample).
     """
     P, L = settings.num_image_tokens, settings.context_length
+    image_ext = next((ext for ext in PAIR_IMAGE_EXTENSIONS if ext in sample), None)
+    obj = None
     if "json" in sample:
         try:
             obj = json.loads(sample["json"].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            obj = None
+    is_document = isinstance(obj, dict) and ("items" in obj or "text_list" in obj)
+    if "json" in sample and (is_document or "txt" not in sample or image_ext is None):
+        try:
+            if obj is None:
+                raise ValueError("not JSON")
             if isinstance(obj, dict) and "text_list" in obj:
                 sentences, matches = parse_mmc4(obj)
                 selected = select_mmc4_images(matches, rng, min_similarity=settings.min_similarity,
@@ -130,7 +145,7 @@ def sample_to_row(sample: dict, rng: random.Random, tokenizer, settings: SampleS
                 doc = None
             else:
                 doc = Document.from_json_obj(obj)
-        except (UnicodeDecodeError, ValueError):
+        except ValueError:
             raise _Skip("skipped_bad_json") from None
         tensors: dict[str, torch.Tensor] = {}
         if doc is None:  # MMC4: images that fail to load are dropped before placement, as the reference does
@@ -153,7 +168,6 @@ def sample_to_row(sample: dict, rng: random.Random, tokenizer, settings: SampleS
             raise _Skip("skipped_no_image")
         ids, images = encoded
         return ids, [tensors[image.name] for image in images]
-    image_ext = next((ext for ext in PAIR_IMAGE_EXTENSIONS if ext in sample), None)
     if "txt" in sample and image_ext is not None:
         try:
             text = sample["txt"].decode("utf-8")
@@ -187,6 +201,7 @@ class SampleStream:
     def __init__(self, shards: list[str], *, stream: int, num_streams: int, seed: int, shuffle_buffer: int):
         self.shards, self.stream, self.num_streams = list(shards), stream, num_streams
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.warned: set[str] = set()
 
     def epoch_shards(self, epoch: int) -> tuple[list[str], bool]:
         """(this stream's shards, whether samples must be dealt out too) for `epoch`."""
@@ -206,8 +221,11 @@ class SampleStream:
                     if not deal or position % self.num_streams == self.stream:
                         yield os.path.basename(shard), sample
                     position += 1
-            except ShardError:
+            except ShardError as e:
                 stats["shards_unreadable"] += 1
+                if shard not in self.warned:  # once per shard, not once per epoch
+                    self.warned.add(shard)
+                    print(f"lcl: warning: skipping the rest of a damaged shard: {e}", file=sys.stderr, flush=True)
 
     def __call__(self, stats: Counter) -> Iterator[tuple[int, str, dict]]:
         """(epoch, shard name, sample) forever, through a shuffle buffer."""
@@ -363,14 +381,53 @@ def build_train_loader(data_cfg, *, image_size: int, num_image_tokens: int, cont
         location, weight = parse_data_entry(entry)
         datasets.append((resolve_shards(location), weight))
     workers = max(0, data_cfg.num_workers) if num_workers is None else num_workers
-    settings = SampleSettings(image_size=image_size, num_image_tokens=num_image_tokens,
-                              context_length=context_length, img_first_prob=data_cfg.img_first_prob,
-                              min_similarity=data_cfg.min_similarity, max_images=data_cfg.max_images)
+    settings = settings_for(data_cfg, image_size=image_size, num_image_tokens=num_image_tokens,
+                            context_length=context_length)
     dataset = BatchStream(datasets, settings, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                           num_workers=workers, seed=seed,
                           shuffle_buffer=max(1, data_cfg.shuffle_buffer), tokenizer=tokenizer,
                           packing=data_cfg.packing, pack_open_rows=data_cfg.pack_open_rows)
     return TrainLoader(dataset, workers, pin_memory)
+
+
+def settings_for(data_cfg, *, image_size: int, num_image_tokens: int, context_length: int) -> SampleSettings:
+    return SampleSettings(image_size=image_size, num_image_tokens=num_image_tokens,
+                          context_length=context_length, img_first_prob=data_cfg.img_first_prob,
+                          min_similarity=data_cfg.min_similarity, max_images=data_cfg.max_images)
+
+
+def check_readable(entry: str, settings: SampleSettings, tokenizer=None,
+                   max_samples: int = MAX_SKIPPED_IN_A_ROW) -> None:
+    """ValueError unless the data.path `entry` yields a usable sample among its first
+    `max_samples`: an empty directory, files that are not tars or tars of garbage fail here,
+    in a moment, rather than after the model is built."""
+    location, _ = parse_data_entry(entry)
+    if location.startswith("embedded:"):
+        return
+    if tokenizer is None:
+        from lcl_megatron.tokenizer import get_tokenizer
+        tokenizer = get_tokenizer()
+    stats: Counter = Counter()
+    shards = resolve_shards(location)
+    tried = 0
+    for shard in shards:
+        try:
+            for sample in read_shard(shard):
+                try:
+                    sample_to_row(sample, random.Random(0), tokenizer, settings, stats)
+                    return
+                except _Skip as skip:
+                    stats[str(skip)] += 1
+                tried += 1
+                if tried >= max_samples:
+                    break
+        except ShardError:
+            stats["shards_unreadable"] += 1
+        if tried >= max_samples:
+            break
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(stats.items()) if k in SKIP_REASONS)
+    raise ValueError(f"'{location}' holds no usable sample in {len(shards)} shard(s) "
+                     f"({counts or 'no samples'}); expected webdataset tars of image-text pairs or documents")
 
 
 def load_zeroshot_set(entry: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

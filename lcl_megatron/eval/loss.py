@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import pickle
 
 import torch
 
@@ -28,7 +28,6 @@ def trailing_padding_mask(input_ids: torch.Tensor) -> torch.Tensor:
 
 def main(argv=None) -> int:
     from lcl_megatron.config import ConfigError
-    from lcl_megatron.convert.native import CheckpointMismatch
     from lcl_megatron.eval.common import load_for_eval
 
     p = argparse.ArgumentParser(prog="lcl eval loss", description=__doc__.splitlines()[0])
@@ -36,24 +35,21 @@ def main(argv=None) -> int:
     p.add_argument("--batch", required=True, help="torch file with images and input_ids")
     args = p.parse_args(argv)
     try:
-        try:
-            batch = torch.load(args.batch, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError) as e:
-            raise ConfigError(f"cannot read batch '{args.batch}': {str(e).splitlines()[0]}") from None
-        if not isinstance(batch, dict) or not {"images", "input_ids"} <= batch.keys():
-            raise ConfigError(f"batch '{args.batch}' must be a dict with 'images' and 'input_ids'")
-        cfg, model = load_for_eval(args.checkpoint)
-    except (ConfigError, CheckpointMismatch, FileNotFoundError) as e:
-        print(f"lcl eval loss: {e}", file=sys.stderr)
-        return 2
+        batch = torch.load(args.batch, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's text would advise weights_only=False, i.e. running the file's code
+        raise ConfigError(f"batch '{args.batch}' holds objects other than tensors and plain containers; "
+                          "refused, since loading them could run code") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ConfigError(f"cannot read batch '{args.batch}': {str(e).splitlines()[0]}") from None
+    if not isinstance(batch, dict) or not {"images", "input_ids"} <= batch.keys():
+        raise ConfigError(f"batch '{args.batch}' must be a dict with 'images' and 'input_ids'")
+    cfg, model = load_for_eval(args.checkpoint)  # a damaged or unfinished checkpoint: UserError, exit 2
     input_ids = batch["input_ids"].long()
     mask = batch.get("attention_mask")
     mask = trailing_padding_mask(input_ids) if mask is None else mask.bool()
     n_soi = int((input_ids == tokens.SOI_ID).sum())
     if n_soi != batch["images"].shape[0]:
-        print(f"lcl eval loss: batch has {batch['images'].shape[0]} images but {n_soi} <start_of_img> tokens",
-              file=sys.stderr)
-        return 2
+        raise ConfigError(f"batch has {batch['images'].shape[0]} images but {n_soi} <start_of_img> tokens")
     with torch.no_grad():
         out = model(batch["images"].float(), input_ids, mask)
     print(json.dumps({"contrastive_loss": out["contrastive_loss"].item(),

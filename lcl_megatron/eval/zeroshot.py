@@ -10,7 +10,6 @@ compared with every class's text feature; the nearest class is the prediction.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
@@ -49,21 +48,16 @@ def zeroshot_accuracy(model, cfg: Config, entry: str | None = None) -> float:
 
 def main(argv=None) -> int:
     from lcl_megatron.config import ConfigError
-    from lcl_megatron.convert.native import CheckpointMismatch
     from lcl_megatron.eval.common import load_for_eval
 
     p = argparse.ArgumentParser(prog="lcl eval zeroshot", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     p.add_argument("--data", help="held-out set (default: the checkpoint config's data.heldout)")
     args = p.parse_args(argv)
-    try:
-        cfg, model = load_for_eval(args.checkpoint)
-        entry = args.data or cfg.data.heldout
-        if not entry:
-            raise ConfigError("no held-out set: pass --data")
-    except (ConfigError, CheckpointMismatch, FileNotFoundError) as e:
-        print(f"lcl eval zeroshot: {e}", file=sys.stderr)
-        return 2
+    cfg, model = load_for_eval(args.checkpoint)  # a damaged or unfinished checkpoint: UserError, exit 2
+    entry = args.data or cfg.data.heldout
+    if not entry:
+        raise ConfigError("no held-out set: pass --data")
     top1 = zeroshot_accuracy(model, cfg, entry)
     print(f"zero-shot top-1 on {entry}: {top1:.4f}")
     return 0

@@ -4,9 +4,10 @@ A checkpoint is the directory `<run>/checkpoints/step_XXXXXXXX/`. It counts as
 complete only once every rank has written its shards and rank 0 has written
 `COMPLETE` (a manifest with each file's size and SHA-256); `latest` is then
 replaced atomically. A crash mid-save therefore leaves the previous checkpoint
-as the newest complete one. Loading never unpickles code: DeepSpeed's files are
-read with `weights_only=True` and an allow-list of the plain data classes they
-contain.
+as the newest complete one. Every load checks the files it reads against the
+manifest (size and SHA-256), so a damaged checkpoint is refused, never trained
+on or evaluated. Loading never unpickles code: DeepSpeed's files are read with
+`weights_only=True` and an allow-list of the plain data classes they contain.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors_bytes, save_file
 
+from lcl_megatron.errors import UserError
 from lcl_megatron.utils import atomic_write, atomic_write_text
 
 COMPLETE = "COMPLETE"
@@ -30,6 +34,10 @@ LATEST = "latest"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unfinished or damaged."""
 
 
 def tag_for(step: int) -> str:
@@ -51,7 +59,11 @@ def _safe_globals():
 
 def safe_torch_load(path, map_location="cpu"):
     with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:  # torch's own text would advise weights_only=False: running the file's code
+            raise CheckpointError(f"'{path}' holds objects other than tensors and plain data; refused, since "
+                                  "loading them could run code") from None
 
 
 class SafeCheckpointEngine(TorchCheckpointEngine):
@@ -81,7 +93,67 @@ def write_manifest(ckpt_dir: Path, meta: dict) -> None:
 
 
 def read_manifest(ckpt_dir: Path) -> dict:
-    return json.loads((Path(ckpt_dir) / COMPLETE).read_text())
+    """The COMPLETE manifest; CheckpointError when it is unreadable."""
+    try:
+        manifest = json.loads((Path(ckpt_dir) / COMPLETE).read_text())
+        if not isinstance(manifest.get("files"), dict):
+            raise ValueError("it lists no files")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint '{ckpt_dir}' has an unreadable {COMPLETE} manifest: {e}") from None
+    return manifest
+
+
+def read_verified(ckpt_dir: Path, name: str, entry: dict, keep: bool = True) -> bytes | None:
+    """Read one listed file once, checking its size and SHA-256 as it streams by;
+    its bytes when `keep`. CheckpointError names the file that does not match."""
+    path = Path(ckpt_dir) / name
+    h, chunks, size = hashlib.sha256(), [], 0
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)  # hashlib releases the GIL on large blocks: threads hash in parallel
+                size += len(block)
+                if keep:
+                    chunks.append(block)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint '{ckpt_dir}': file '{name}' listed in {COMPLETE} is missing") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint '{ckpt_dir}': cannot read '{name}': {e.strerror}") from None
+    if size != entry["bytes"]:
+        state = "truncated" if size < entry["bytes"] else "longer than recorded"
+        raise CheckpointError(f"checkpoint '{ckpt_dir}': file '{name}' is {state} "
+                              f"({size} bytes, {COMPLETE} says {entry['bytes']})")
+    if h.hexdigest() != entry["sha256"]:
+        raise CheckpointError(f"checkpoint '{ckpt_dir}': file '{name}' does not match its SHA-256 in {COMPLETE}")
+    return b"".join(chunks) if keep else None
+
+
+def verify_checkpoint(ckpt_dir: Path, names=None, keep=()) -> dict[str, bytes]:
+    """Check the listed files (all, or `names`) in parallel; returns the bytes of those in `keep`
+    so that a caller loads what was checked without reading it again."""
+    listed = read_manifest(ckpt_dir)["files"]
+    names = sorted(listed) if names is None else list(names)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
+        data = list(pool.map(lambda n: read_verified(ckpt_dir, n, listed[n], keep=n in keep), names))
+    return {name: blob for name, blob in zip(names, data) if blob is not None}
+
+
+def verify_collectively(ckpt_dir: Path) -> str | None:
+    """Collective: every rank hashes its round-robin share of the checkpoint's files, so each
+    file is read once across the job; returns the first problem any rank found (None: all match),
+    the same on every rank."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    problem = None
+    try:
+        names = sorted(read_manifest(ckpt_dir)["files"])
+        verify_checkpoint(ckpt_dir, names[rank::world])
+    except CheckpointError as e:
+        problem = str(e)
+    if world == 1:
+        return problem
+    problems = [None] * world
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p), None)
 
 
 def read_step(ckpt_dir: Path) -> int:
@@ -105,21 +177,35 @@ def newest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def step_directories(root: Path) -> list[Path]:
+    """Every step directory under `root`, complete or not, oldest first."""
+    if not Path(root).is_dir():
+        return []
+    return sorted((p for p in Path(root).iterdir() if _STEP_DIR.match(p.name)), key=lambda p: p.name)
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint given as itself, as a run directory or as its checkpoints/ directory."""
+    """The one way a checkpoint is found: given as itself, as a run directory or as its
+    checkpoints/ directory (then its newest complete one). A directory whose save never
+    finished (no COMPLETE) is refused, never loaded."""
     path = Path(path)
-    if (path / MODEL_FILE).is_file():
+    if is_complete(path):
         return path
+    if (path / MODEL_FILE).exists() or any(path.glob("*model_states.pt")):
+        raise CheckpointError(f"checkpoint '{path}' has no {COMPLETE} manifest: its save never finished")
     for root in (path / "checkpoints", path):
         newest = newest_checkpoint(root)
         if newest is not None:
             return newest
-    raise FileNotFoundError(f"no complete checkpoint found at '{path}'")
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at '{path}': it does not exist")
+    raise CheckpointError(f"no complete checkpoint found at '{path}'")
 
 
-def prune(root: Path, keep: int) -> None:
-    """Delete all but the `keep` newest complete checkpoints, and incomplete ones older than them."""
-    complete = complete_checkpoints(root)
+def prune(root: Path, keep: int, upto: str) -> None:
+    """Delete all but the `keep` newest complete checkpoints up to the one just saved (`upto`), and
+    incomplete ones older than them. Newer ones (a damaged checkpoint a resume passed over) stay."""
+    complete = [p for p in complete_checkpoints(root) if p.name <= upto]
     if not complete:
         return
     for path in complete[:-keep]:
@@ -136,7 +222,21 @@ def save_model_file(state_dict: dict, path: Path) -> None:
 
 
 def load_model_file(path: Path) -> dict:
-    return load_file(str(path))
+    """Tensors of a safetensors file; one listed in its checkpoint's manifest is checked
+    against it in the same single read."""
+    path = Path(path)
+    listed = read_manifest(path.parent)["files"] if is_complete(path.parent) else {}
+    if path.name in listed:
+        data = read_verified(path.parent, path.name, listed[path.name])
+    else:
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise CheckpointError(f"cannot read '{path}': {e.strerror}") from None
+    try:
+        return load_safetensors_bytes(data)
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"cannot read '{path}': {str(e).splitlines()[0]}") from None
 
 
 def save_checkpoint(engine, root: Path, step: int, *, config_text: str, loader_state: dict | None,
@@ -158,7 +258,7 @@ def save_checkpoint(engine, root: Path, step: int, *, config_text: str, loader_s
     if rank == 0:
         write_manifest(ckpt_dir, {"step": step, "world_size": dist.get_world_size()})
         atomic_write_text(Path(root) / LATEST, tag)
-        prune(Path(root), keep)
+        prune(Path(root), keep, upto=tag)
     dist.barrier()
     return ckpt_dir
 

@@ -47,12 +47,16 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(f"train/{key}", value, record["step"])
+            for reason, count in record.get("data_skipped", {}).items():
+                self.tb.add_scalar(f"data/{reason}", count, record["step"])
         if self.wandb is not None:
             self.wandb.log(record, record["step"], "train")
+        skipped = record.get("data_skipped", {})
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}", **skipped)
         if self.lines:
             extra = f", MFU {record['mfu']:.1%}" if "mfu" in record else ""
+            extra += "".join(f", skipped {reason} {count}" for reason, count in skipped.items())
             print(f"step {record['step']}/{self.total_steps}: loss {record['loss']:.4f}, "
                   f"{record['samples_per_s']:.1f} samples/s{extra}", file=sys.stderr, flush=True)
 

@@ -7,7 +7,9 @@ on it (`stop_requested`, an all-reduce MAX), so every rank leaves the loop after
 the same step and writes the same checkpoint. After that checkpoint,
 `after_final_checkpoint` requeues the job on the warning signal, since a time
 limit does not requeue by itself; on SIGTERM Slurm has already decided the
-job's fate (requeue or cancel) and nothing more is done.
+job's fate (requeue or cancel) and nothing more is done. Ctrl-C (SIGINT) is
+handled like SIGTERM, so an interactive run keeps its last steps; a second
+Ctrl-C aborts at once.
 
 In the training loop (every rank):
 
@@ -34,12 +36,15 @@ WARNING_SIGNAL = signal.SIGUSR1
 
 
 class PreemptionWatcher:
-    def __init__(self, signals=(WARNING_SIGNAL, signal.SIGTERM)):
+    def __init__(self, signals=(WARNING_SIGNAL, signal.SIGTERM, signal.SIGINT)):
         self.received: int = 0  # the first signal this process got; 0: none
         self.stop_signal: int = 0  # the signal all ranks stop on; 0: no stop
         self._previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
 
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            print("lcl train: second Ctrl-C; aborting without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signal.SIGINT)
         if not self.received:
             self.received = signum
             print(f"lcl train: got {signal.Signals(signum).name}; stopping after this step with a checkpoint",
@@ -47,7 +52,8 @@ class PreemptionWatcher:
 
     def stop_requested(self) -> bool:
         """Collective: True on every rank once any rank got a signal. On SIGTERM and the
-        warning together, SIGTERM wins (its number is larger): Slurm is already ending the job."""
+        warning together, SIGTERM wins (its number is larger): Slurm is already ending the job;
+        SIGINT (2) is smaller than both and stops the run the way SIGTERM does."""
         if self.stop_signal:
             return True
         flag = torch.tensor([self.received], dtype=torch.int32, device=_device())

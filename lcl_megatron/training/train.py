@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 
-from lcl_megatron.config import Config, ConfigError, check_layout, load_config, world_size_from_env
+from lcl_megatron.config import Config, ConfigError, check_layout, config_from_dict, load_config, world_size_from_env
 
 
 def parse_args(argv):
@@ -24,45 +25,70 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of run.dir")
     p.add_argument("--init-from", help="start from the weights of this checkpoint (not its optimizer state)")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # flags may come before, between or after the overrides
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        check_layout(cfg.parallel, world_size_from_env())
-        if cfg.logging.wandb:
-            from lcl_megatron.training.wandb_run import WandbUnavailable, require_wandb
+    cfg = load_config(args.config, args.overrides)
+    check_layout(cfg.parallel, world_size_from_env())
+    check_run_dir(cfg.run_dir, resume=args.resume)
+    if cfg.logging.wandb:
+        from lcl_megatron.training.wandb_run import require_wandb
 
-            try:
-                require_wandb()
-            except WandbUnavailable as e:
-                raise ConfigError(str(e)) from None
-        init_from = None
-        if args.init_from:
-            from lcl_megatron.training.checkpoint import resolve_checkpoint
+        require_wandb()
+    init_from = None
+    if args.init_from:
+        from lcl_megatron.training.checkpoint import resolve_checkpoint
 
-            try:
-                init_from = resolve_checkpoint(args.init_from)
-            except FileNotFoundError as e:
-                raise ConfigError(f"--init-from: {e}") from None
-    except ConfigError as e:
-        print(f"lcl train: {e}", file=sys.stderr)
-        return 2
-    from lcl_megatron.convert.native import CheckpointMismatch
+        init_from = resolve_checkpoint(args.init_from)
+    check_data(cfg)
     from lcl_megatron.model.pipeline import PipelineInputError
     from lcl_megatron.training.engine import TrainingError
 
     try:
         result = train(cfg, resume=args.resume, init_from=init_from)
-    except CheckpointMismatch as e:
-        print(f"lcl train: {e}", file=sys.stderr)
-        return 2
     except (TrainingError, PipelineInputError) as e:
         print(f"lcl train: {e}", file=sys.stderr)
         return 1
     return result["exit_code"]  # non-zero when a signal stopped the run and it was not requeued
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse, before anything is built, a run directory we cannot write or whose checkpoints
+    this run would mix with its own (and then prune as if they were its own)."""
+    from lcl_megatron.training.checkpoint import is_complete, step_directories
+
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != run_dir and not existing.is_dir():
+        raise ConfigError(f"run.dir '{run_dir}' lies under '{existing}', which is a file")
+    if existing == run_dir and not run_dir.is_dir():
+        raise ConfigError(f"run.dir '{run_dir}' is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.dir '{run_dir}': cannot write in '{existing}' (permission denied)")
+    steps = step_directories(run_dir / "checkpoints")
+    names = ", ".join(p.name for p in steps)
+    if steps and not resume:
+        raise ConfigError(f"run.dir '{run_dir}' already holds checkpoints ({names}); pass --resume to continue "
+                          "that run, or set run.dir to a fresh directory")
+    if steps and resume and not any(is_complete(p) for p in steps):
+        raise ConfigError(f"--resume: no checkpoint in '{run_dir / 'checkpoints'}' is complete ({names}: their saves "
+                          "never finished); delete them to start over, or set run.dir to a fresh directory")
+
+
+def check_data(cfg: Config) -> None:
+    """Every training dataset yields at least one usable sample (read before the model is built)."""
+    from lcl_megatron.data.loader import check_readable, settings_for
+
+    settings = settings_for(cfg.data, image_size=cfg.model.vision.image_size,
+                            num_image_tokens=cfg.model.vision.num_patches, context_length=cfg.model.text.context_length)
+    for entry in cfg.data.path:
+        try:
+            check_readable(entry, settings)
+        except ValueError as e:
+            raise ConfigError(f"data.path: {e}") from None
 
 
 def build_loader(cfg: Config, dp_rank: int, dp_size: int):
@@ -116,7 +142,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     from lcl_megatron.training.throughput import StepMeter
     from lcl_megatron.training.wandb_run import WandbRun
     from lcl_megatron.training.preemption import PreemptionWatcher
-    from lcl_megatron.utils import atomic_write_text
+    from lcl_megatron.utils import DiskFull, atomic_write_text
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
@@ -124,6 +150,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     reader = reads_data(parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank())
     run_dir, ckpt_root = cfg.run_dir, cfg.run_dir / "checkpoints"
+    newest = pick_resume_checkpoint(ckpt_root, cfg) if resume else None
     config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -135,24 +162,30 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     loader = build_loader(cfg, dp_rank, dp_size)
     if is_main_process():
         print(f"lcl train: {describe_backends(cfg, engine, loader)}", file=sys.stderr)
-    save = lambda step: ckpt.save_checkpoint(engine, ckpt_root, step, config_text=config_text,
-                                             loader_state=loader.state_dict() if reader else None, dp_rank=dp_rank,
-                                             keep=cfg.checkpoint.keep, vocab_size=cfg.model.text.vocab_size)
-    step, newest = 0, None
-    if resume:
-        newest = ckpt.newest_checkpoint(ckpt_root)
-        if newest is not None:
-            step, loader_state = ckpt.load_checkpoint(engine, newest, dp_rank)
-            if loader_state:
-                loader.load_state_dict(loader_state)
-            elif reader:
-                print(f"lcl train: {newest} holds no data position for data-parallel rank {dp_rank}; "
-                      "its loader starts from the beginning", file=sys.stderr)
-            restart_schedule(engine, step, cfg)
-            if is_main_process():
-                print(f"lcl train: resumed from {newest} at step {step}", file=sys.stderr)
-        elif is_main_process():
-            print(f"lcl train: no complete checkpoint in {ckpt_root}; starting from scratch", file=sys.stderr)
+
+    def save(step: int) -> Path:
+        try:
+            return ckpt.save_checkpoint(engine, ckpt_root, step, config_text=config_text,
+                                        loader_state=loader.state_dict() if reader else None, dp_rank=dp_rank,
+                                        keep=cfg.checkpoint.keep, vocab_size=cfg.model.text.vocab_size)
+        except DiskFull as e:
+            intact = ckpt.newest_checkpoint(ckpt_root)
+            raise DiskFull(f"{e}; the checkpoint of step {step} was not saved, "
+                           + (f"{intact} is intact: free space, then continue with --resume" if intact else
+                              "and there is no earlier one: free space and start again")) from None
+    step = 0
+    if newest is not None:
+        step, loader_state = ckpt.load_checkpoint(engine, newest, dp_rank)
+        if loader_state:
+            loader.load_state_dict(loader_state)
+        elif reader:
+            print(f"lcl train: {newest} holds no data position for data-parallel rank {dp_rank}; "
+                  "its loader starts from the beginning", file=sys.stderr)
+        restart_schedule(engine, step, cfg)
+        if is_main_process():
+            print(f"lcl train: resumed from {newest} at step {step}", file=sys.stderr)
+    elif resume and is_main_process():
+        print(f"lcl train: no checkpoint in {ckpt_root}; starting from scratch", file=sys.stderr)
     resumed_step = step
 
     wandb = WandbRun(run_dir, project=cfg.logging.wandb_project, name=cfg.run.name, config=cfg.to_dict()) \
@@ -183,7 +216,8 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
                         "grad_norm": grad_norm_value(metrics["grad_norm"]), "logit_scale": metrics["logit_scale"],
                         "samples_per_s": metrics["samples"] * dp_size / elapsed,
                         "tokens_per_s": metrics["tokens"] * dp_size / elapsed,
-                        "token_utilisation": metrics["tokens"] / tokens_per_step}
+                        "token_utilisation": metrics["tokens"] / tokens_per_step,
+                        "data_skipped": skipped_counts(loader, cfg)}
                 if meter is not None:
                     last.update(meter.measure(elapsed, batches.waited, images=metrics["images"] * dp_size,
                                               tokens=metrics["tokens"] * dp_size))
@@ -228,6 +262,63 @@ def describe_backends(cfg: Config, engine, loader) -> str:
             f"losses {losses}; layers megatron-core with torch norms; {workers} loader worker(s) per reader")
 
 
+def skipped_counts(loader, cfg: Config) -> dict:
+    """Collective: input the loaders could not use since the start of this process, per reason,
+    summed over the data-parallel ranks that read different shards."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from lcl_megatron.data.loader import SKIP_REASONS
+
+    counts = torch.tensor([loader.stats.get(reason, 0) for reason in SKIP_REASONS], dtype=torch.long)
+    if cfg.data.split == "shards" and parallel_state.get_data_parallel_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            counts = counts.cuda()
+        dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+    return {reason: int(n) for reason, n in zip(SKIP_REASONS, counts.tolist()) if n}
+
+
+def pick_resume_checkpoint(ckpt_root: Path, cfg: Config) -> Path | None:
+    """Collective: the newest complete checkpoint whose files all match their manifest. One that
+    does not is set aside with a warning and the run continues from the one before; none left
+    that matches, or a model config that differs from the run's, is a ConfigError."""
+    import yaml
+
+    from lcl_megatron.parallel import is_main_process
+    from lcl_megatron.training import checkpoint as ckpt
+
+    candidates = ckpt.complete_checkpoints(ckpt_root)
+    for candidate in reversed(candidates):
+        problem = ckpt.verify_collectively(candidate)
+        if problem is None:
+            saved = config_from_dict(yaml.safe_load((candidate / ckpt.CONFIG_FILE).read_text())).to_dict()["model"]
+            differ = sorted(_differences(saved, cfg.to_dict()["model"], "model."))
+            if differ:
+                raise ConfigError(f"--resume: the model config differs from that of {candidate}: "
+                                  + ", ".join(differ) + "; resume with the run's model config")
+            return candidate
+        if is_main_process():
+            # Renamed, not deleted: kept for the user to inspect, but never found, loaded or pruned again.
+            aside = candidate.with_name(candidate.name + ".damaged")
+            candidate.rename(aside)
+            print(f"lcl train: warning: {problem}; moved it to {aside.name} and falling back to the previous "
+                  "complete checkpoint", file=sys.stderr, flush=True)
+    if candidates:
+        raise ConfigError(f"--resume: no checkpoint in '{ckpt_root}' matches its manifest "
+                          f"({', '.join(c.name for c in candidates)} are damaged); set run.dir to a fresh directory "
+                          "to start over")
+    return None
+
+
+def _differences(saved: dict, given: dict, prefix: str):
+    for key, value in saved.items():
+        if isinstance(value, dict):
+            yield from _differences(value, given.get(key, {}), f"{prefix}{key}.")
+        elif given.get(key) != value:
+            yield f"{prefix}{key}={given.get(key)!r} (checkpoint: {value!r})"
+
+
 def restart_schedule(engine, step: int, cfg: Config) -> None:
     """Continue the schedule of *this* config from `step`: a resumed run may change
     train.steps (to extend a run), and the restored optimizer holds the old run's rate."""
@@ -247,13 +338,21 @@ def evaluate_final(model, engine, final: Path, cfg: Config, log, step: int) -> f
     from lcl_megatron.model.sharding import load_canonical
     from lcl_megatron.training.checkpoint import MODEL_FILE, load_model_file
 
-    if engine.module is not model or engine.zero_optimization_partition_weights():
-        # Pipeline stages and ZeRO-3 partitions hold only parts (a stage's other modules never left
-        # the host): reload the full consolidated weights, all on the training device.
-        load_canonical(model, load_model_file(final / MODEL_FILE))
-        model.to(engine.device)
-    model.eval()
-    top1 = zeroshot_accuracy(model, cfg)
+    if engine.zero_optimization_partition_weights():
+        import deepspeed
+
+        # ZeRO-3 leaves each rank a slice of every parameter: gather the whole model for the passes.
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            model.eval()
+            top1 = zeroshot_accuracy(model, cfg)
+    else:
+        if engine.module is not model:
+            # Pipeline stages hold only parts (a stage's other modules never left the host):
+            # reload the full consolidated weights, all on the training device.
+            load_canonical(model, load_model_file(final / MODEL_FILE))
+            model.to(engine.device)
+        model.eval()
+        top1 = zeroshot_accuracy(model, cfg)
     log.log_eval(step, {"zeroshot_top1": top1})
     log.message(f"zero-shot top-1 on {cfg.data.heldout} (held out): {top1:.4f}")
     return top1

@@ -12,12 +12,13 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
+from lcl_megatron.errors import UserError
 from lcl_megatron.utils import atomic_write_text
 
 RUN_ID_FILE = "wandb_run_id"
 
 
-class WandbUnavailable(RuntimeError):
+class WandbUnavailable(UserError):
     """logging.wandb=true without the wandb package."""
 
 
