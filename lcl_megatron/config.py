@@ -79,6 +79,10 @@ class DataConfig:
     num_workers: int = 0
     split: str = "shards"  # shards: each DP rank reads its own shards; samples: all read, each keeps its rows
     shuffle_buffer: int = 256
+    # Training images: the reference's random resized crop (area fraction in [crop_scale_min, 1],
+    # aspect 3/4..4/3, bicubic); false: the evaluation transform (resize + centre crop).
+    augment: bool = True
+    crop_scale_min: float = 0.9
     img_first_prob: float = 0.5  # pairs: image before caption with this probability
     min_similarity: float = 0.24  # MMC4: drop images matched below this
     max_images: int = 6  # MMC4: images kept per document
@@ -369,6 +373,7 @@ def validate_config(cfg: Config, check_data: bool = True) -> None:
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _require(cfg.logging.every >= 1, "logging.every", "must be >= 1")
     _require(0 <= cfg.data.img_first_prob <= 1, "data.img_first_prob", "must be in [0, 1]")
+    _require(0 < cfg.data.crop_scale_min <= 1, "data.crop_scale_min", f"must be in (0, 1], got {cfg.data.crop_scale_min}")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(cfg.data.split in ("shards", "samples"), "data.split", f"must be 'shards' or 'samples', got {cfg.data.split!r}")
     _require(cfg.data.pack_open_rows >= 1, "data.pack_open_rows", "must be >= 1")

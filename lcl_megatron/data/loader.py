@@ -42,7 +42,7 @@ import torch
 from lcl_megatron.tokens import PAD_ID
 from lcl_megatron.data.documents import Document, Image
 from lcl_megatron.data.embedded import CLASS_PROMPTS_FILE, HELDOUT_SHARD, corpus_index, ensure_corpus
-from lcl_megatron.data.images import BadImage, load_image
+from lcl_megatron.data.images import CROP_SCALE, BadImage, load_image
 from lcl_megatron.data.packing import RowPacker, collate_packed
 from lcl_megatron.data.sequences import (encode_document, encode_pair, parse_mmc4, place_mmc4_images,
                                          select_mmc4_images)
@@ -93,32 +93,37 @@ class SampleSettings:
     img_first_prob: float = 0.5
     min_similarity: float = 0.24
     max_images: int = 6
+    augment: bool = False  # training crops (images.py) instead of the evaluation transform
+    crop_scale: tuple = CROP_SCALE
 
 
 class _Skip(Exception):
     """A sample that cannot be used; the message is the counter's name."""
 
 
-def _decode(sample: dict, name: str, settings: SampleSettings, stats: Counter):
+def _decode(sample: dict, name: str, settings: SampleSettings, stats: Counter, crop_rng: random.Random | None):
     data = sample.get(name)
     if data is None:
         stats["images_missing"] += 1
         return None
     try:
-        return load_image(data, settings.image_size)
+        return load_image(data, settings.image_size, crop_rng, settings.crop_scale)
     except BadImage:
         stats["images_corrupt"] += 1
         return None
 
 
 def sample_to_row(sample: dict, rng: random.Random, tokenizer, settings: SampleSettings,
-                  stats: Counter) -> tuple[list[int], list[torch.Tensor]]:
+                  stats: Counter, crop_rng: random.Random | None = None) -> tuple[list[int], list[torch.Tensor]]:
     """One shard sample -> (ids, image tensors); raises _Skip(reason) for unusable samples.
 
     Kinds: a document (`json` with "items"), an MMC4 document (`json` with
     "text_list"/"image_info" and image files named by `image_name`), or an
-    image-text pair (`txt` plus jpg/jpeg/png/webp).
+    image-text pair (`txt` plus jpg/jpeg/png/webp). With `settings.augment` the
+    images are cropped at random from `crop_rng` (a generator of their own, so that
+    the crops do not change the text's random choices).
     """
+    crop_rng = crop_rng if settings.augment else None
     P, L = settings.num_image_tokens, settings.context_length
     if "json" in sample:
         try:
@@ -136,7 +141,7 @@ def sample_to_row(sample: dict, rng: random.Random, tokenizer, settings: SampleS
         if doc is None:  # MMC4: images that fail to load are dropped before placement, as the reference does
             loaded = []
             for index, name in selected:
-                tensor = _decode(sample, name, settings, stats)
+                tensor = _decode(sample, name, settings, stats, crop_rng)
                 if tensor is not None:
                     tensors[name] = tensor
                     loaded.append((index, name))
@@ -144,7 +149,7 @@ def sample_to_row(sample: dict, rng: random.Random, tokenizer, settings: SampleS
         else:
             for image in doc.images:
                 if image.name not in tensors:
-                    tensor = _decode(sample, image.name, settings, stats)
+                    tensor = _decode(sample, image.name, settings, stats, crop_rng)
                     if tensor is not None:
                         tensors[image.name] = tensor
             doc = Document([item for item in doc.items if not isinstance(item, Image) or item.name in tensors])
@@ -159,7 +164,7 @@ def sample_to_row(sample: dict, rng: random.Random, tokenizer, settings: SampleS
             text = sample["txt"].decode("utf-8")
         except UnicodeDecodeError:
             raise _Skip("skipped_bad_text") from None
-        tensor = _decode(sample, image_ext, settings, stats)
+        tensor = _decode(sample, image_ext, settings, stats, crop_rng)
         if tensor is None:
             raise _Skip("skipped_no_image")
         ids = encode_pair(tokenizer.encode(text), rng, num_image_tokens=P, context_length=L,
@@ -259,8 +264,9 @@ class BatchStream(torch.utils.data.IterableDataset):
         skipped_in_a_row = 0
         for dataset, (epoch, shard, sample) in self._mixed_samples(stream_id, stats):
             rng = random.Random(derive_seed(self.seed, "sample", dataset, epoch, shard, sample["__key__"]))
+            crop_rng = random.Random(derive_seed(self.seed, "crop", dataset, epoch, shard, sample["__key__"]))
             try:
-                row = sample_to_row(sample, rng, tokenizer, self.settings, stats)
+                row = sample_to_row(sample, rng, tokenizer, self.settings, stats, crop_rng)
                 rows.extend(packer.add(row) if packer is not None else [row])
                 stats["samples"] += 1
                 skipped_in_a_row = 0
@@ -348,7 +354,8 @@ def build_train_loader(data_cfg, *, image_size: int, num_image_tokens: int, cont
         datasets.append((resolve_shards(location), weight))
     settings = SampleSettings(image_size=image_size, num_image_tokens=num_image_tokens,
                               context_length=context_length, img_first_prob=data_cfg.img_first_prob,
-                              min_similarity=data_cfg.min_similarity, max_images=data_cfg.max_images)
+                              min_similarity=data_cfg.min_similarity, max_images=data_cfg.max_images,
+                              augment=data_cfg.augment, crop_scale=(data_cfg.crop_scale_min, 1.0))
     dataset = BatchStream(datasets, settings, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                           num_workers=data_cfg.num_workers, seed=seed,
                           shuffle_buffer=max(1, data_cfg.shuffle_buffer), tokenizer=tokenizer,
