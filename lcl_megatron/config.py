@@ -116,6 +116,10 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
+    # Samples to train on; > 0 overrides train.steps with the steps that see this many samples at
+    # the run's global batch (micro_batch_size x grad_accumulation x data-parallel size), as the
+    # reference derives its steps (and so its cosine) from epochs x batches per epoch.
+    samples: int = 0
     seed: int = 0
     micro_batch_size: int = 8
     grad_accumulation: int = 1
@@ -150,6 +154,14 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0  # steps between evaluations during training (0: none; data.heldout still gets the final zero-shot)
+    zeroshot: list = field(default_factory=list)  # labelled sets: embedded:NAME, image folders, shards + class names
+    retrieval: list = field(default_factory=list)  # image-text sets: embedded:NAME, shards of image + txt, captions.tsv
+    batch_size: int = 64  # images per forward pass
+
+
+@dataclass
 class RunConfig:
     name: str = "lcl"
     dir: str = ""  # default: runs/<name>
@@ -167,6 +179,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -344,6 +357,7 @@ def validate_config(cfg: Config, check_data: bool = True) -> None:
     _require(s.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
     _require(0 <= s.min_lr <= o.lr, "schedule.min_lr", f"must be in [0, optim.lr], got {s.min_lr}")
     _require(t.steps > 0, "train.steps", f"must be positive, got {t.steps}")
+    _require(t.samples >= 0, "train.samples", f"must be >= 0, got {t.samples}")
     _require(t.micro_batch_size > 0, "train.micro_batch_size", f"must be positive, got {t.micro_batch_size}")
     _require(t.grad_accumulation > 0, "train.grad_accumulation", f"must be positive, got {t.grad_accumulation}")
     _require(t.exit_interval >= 0, "train.exit_interval", f"must be >= 0, got {t.exit_interval}")
@@ -372,6 +386,10 @@ def validate_config(cfg: Config, check_data: bool = True) -> None:
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _require(cfg.logging.every >= 1, "logging.every", "must be >= 1")
+    _require(cfg.eval.every >= 0, "eval.every", "must be >= 0")
+    _require(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _require(not cfg.eval.every or cfg.eval.zeroshot or cfg.eval.retrieval, "eval.every",
+             "needs a set to evaluate: eval.zeroshot or eval.retrieval")
     _require(0 <= cfg.data.img_first_prob <= 1, "data.img_first_prob", "must be in [0, 1]")
     _require(0 < cfg.data.crop_scale_min <= 1, "data.crop_scale_min", f"must be in (0, 1], got {cfg.data.crop_scale_min}")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
@@ -387,6 +405,17 @@ def validate_config(cfg: Config, check_data: bool = True) -> None:
         _check_data_path(entry, f"data.path[{i}]" if len(cfg.data.path) > 1 else "data.path")
     if cfg.data.heldout:
         _check_data_path(cfg.data.heldout, "data.heldout")
+    for kind in ("zeroshot", "retrieval"):
+        for i, entry in enumerate(getattr(cfg.eval, kind)):
+            _check_data_path(entry, f"eval.{kind}[{i}]")
+
+
+def steps_for(train: TrainConfig, dp_size: int) -> int:
+    """Optimizer steps of a run on `dp_size` data-parallel replicas: train.steps, or with
+    train.samples the fewest steps that see that many samples."""
+    if train.samples:
+        return math.ceil(train.samples / (train.micro_batch_size * train.grad_accumulation * dp_size))
+    return train.steps
 
 
 def world_size_from_env() -> int:

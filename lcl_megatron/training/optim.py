@@ -44,6 +44,7 @@ def clamp_parameter_(param: torch.nn.Parameter, low: float, high: float, masters
             from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
             param.ds_tensor.clamp_(low, high)  # padding is zero, inside the range
+            param.data.clamp_(low, high)  # a small parameter stays gathered (persistent); else empty
             master = safe_get_local_fp32_param(param)
             if master is not None:
                 safe_set_local_fp32_param(param, master.clamp(low, high))

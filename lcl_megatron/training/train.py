@@ -9,13 +9,14 @@ The same loop runs one process or thousands: the layout comes from the config
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
 from pathlib import Path
 
 
-from lcl_megatron.config import Config, ConfigError, check_layout, load_config, world_size_from_env
+from lcl_megatron.config import Config, ConfigError, check_layout, load_config, steps_for, world_size_from_env
 
 
 def parse_args(argv):
@@ -87,6 +88,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     init_distributed(cfg.parallel, timeout_s=cfg.parallel.timeout_s)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    cfg.train.steps = steps_for(cfg.train, dp_size)  # train.samples: the steps follow this world's global batch
     run_dir, ckpt_root = cfg.run_dir, cfg.run_dir / "checkpoints"
     config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     if is_main_process():
@@ -146,6 +148,8 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
                 break
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < stop_at:
                 save(step)
+            if cfg.eval.every and step % cfg.eval.every == 0:
+                evaluate_during_training(model, engine, cfg, log, step)
         # A requeued or chained job that resumes at its end has nothing left to save.
         final = newest if newest is not None and step == resumed_step else save(step)
         if cfg.data.heldout and step == cfg.train.steps:
@@ -171,9 +175,61 @@ def restart_schedule(engine, step: int, cfg: Config) -> None:
     scheduler._last_lr = [lr] * len(scheduler.base_lrs)
 
 
+@contextlib.contextmanager
+def full_model(model, engine, cfg: Config):
+    """The whole plain model on every rank, in eval mode, for the length of the block.
+
+    ZeRO-3 gathers every partition (the full weights in memory while it lasts);
+    under pipeline parallelism each stage holds only its layers, so every rank
+    receives the other stages' weights into its copy of the plain model (which the
+    stages share their own modules with). TP shards stay sharded: every rank runs
+    the evaluation and the TP collectives stay in step.
+    """
+    import torch.distributed as dist
+
+    if engine.zero_optimization_partition_weights():
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(model.parameters()))
+    else:
+        gathered = contextlib.nullcontext()
+        if engine.module is not model:
+            from megatron.core import parallel_state
+
+            from lcl_megatron.model.sharding import load_canonical
+            from lcl_megatron.training.checkpoint import stage_canonical_tensors
+
+            tensors = stage_canonical_tensors(engine, cfg.model.text.vocab_size)
+            first_of_stage = parallel_state.get_data_parallel_rank() == 0 \
+                and parallel_state.get_tensor_model_parallel_rank() == 0
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, tensors if first_of_stage else {})
+            load_canonical(model, {k: v for part in parts for k, v in part.items()})
+    with gathered:
+        model.eval()
+        try:
+            yield model
+        finally:
+            engine.train()
+
+
+def evaluate_during_training(model, engine, cfg: Config, log, step: int) -> dict:
+    """The `eval` section's evaluations at `step`, logged to metrics.jsonl and TensorBoard."""
+    from lcl_megatron.eval.suite import evaluate_all
+    from lcl_megatron.parallel import is_main_process
+
+    with full_model(model, engine, cfg):
+        results = evaluate_all(model, cfg)
+    log.log_eval(step, results)
+    if is_main_process():
+        print(f"lcl train: step {step} eval " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()), file=sys.stderr)
+    return results
+
+
 def evaluate_final(model, engine, final: Path, cfg: Config, log, step: int) -> float:
     """Zero-shot top-1 of the final weights, on every rank (TP collectives stay in step)."""
-    from lcl_megatron.eval.zeroshot import zeroshot_accuracy
+    from lcl_megatron.eval.datasets import LabelledSet
+    from lcl_megatron.eval.zeroshot import zeroshot_evaluate
     from lcl_megatron.model.sharding import load_canonical
     from lcl_megatron.parallel import is_main_process
     from lcl_megatron.training.checkpoint import MODEL_FILE, load_model_file
@@ -182,7 +238,7 @@ def evaluate_final(model, engine, final: Path, cfg: Config, log, step: int) -> f
         # Pipeline stages and ZeRO-3 partitions hold only parts: reload the full consolidated weights.
         load_canonical(model, load_model_file(final / MODEL_FILE))
     model.eval()
-    top1 = zeroshot_accuracy(model, cfg)
+    top1 = zeroshot_evaluate(model, LabelledSet.open(cfg.data.heldout), cfg.eval.batch_size)["top1"]
     log.log_eval(step, {"zeroshot_top1": top1})
     if is_main_process():
         print(f"zero-shot top-1 on {cfg.data.heldout} (held out): {top1:.4f}")
