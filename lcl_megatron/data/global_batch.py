@@ -48,3 +48,17 @@ class GlobalBatchSlicer:
 
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
+
+
+def build_loader(cfg, dp_rank: int, dp_size: int):
+    """The training loader of DP rank `dp_rank` of `dp_size` for a run config, by its data.split."""
+    from lcl_megatron.data.loader import build_train_loader
+
+    v = cfg.model.vision
+    by_samples = cfg.data.split == "samples"
+    loader = build_train_loader(cfg.data, image_size=v.image_size, num_image_tokens=v.num_patches,
+                                context_length=cfg.model.text.context_length,
+                                micro_batch_size=cfg.train.micro_batch_size * (dp_size if by_samples else 1),
+                                dp_rank=0 if by_samples else dp_rank, dp_size=1 if by_samples else dp_size,
+                                seed=cfg.train.seed)
+    return GlobalBatchSlicer(loader, dp_rank, dp_size) if by_samples else loader

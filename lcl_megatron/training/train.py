@@ -17,6 +17,7 @@ from pathlib import Path
 
 
 from lcl_megatron.config import Config, ConfigError, check_layout, load_config, steps_for, world_size_from_env
+from lcl_megatron.data.global_batch import build_loader
 
 
 def parse_args(argv):
@@ -57,20 +58,6 @@ def main(argv=None) -> int:
         print(f"lcl train: {e}", file=sys.stderr)
         return 1
     return result["exit_code"]  # non-zero when a signal stopped the run and it was not requeued
-
-
-def build_loader(cfg: Config, dp_rank: int, dp_size: int):
-    from lcl_megatron.data.global_batch import GlobalBatchSlicer
-    from lcl_megatron.data.loader import build_train_loader
-
-    v = cfg.model.vision
-    by_samples = cfg.data.split == "samples"
-    loader = build_train_loader(cfg.data, image_size=v.image_size, num_image_tokens=v.num_patches,
-                                context_length=cfg.model.text.context_length,
-                                micro_batch_size=cfg.train.micro_batch_size * (dp_size if by_samples else 1),
-                                dp_rank=0 if by_samples else dp_rank, dp_size=1 if by_samples else dp_size,
-                                seed=cfg.train.seed)
-    return GlobalBatchSlicer(loader, dp_rank, dp_size) if by_samples else loader
 
 
 def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -> dict:
