@@ -27,9 +27,9 @@ def _train(tmp_path, nproc=1, *layout):
     return metrics, saved
 
 
-def _check(metrics, saved):
-    assert metrics[0]["logit_scale"] == pytest.approx(math.exp(5.0), rel=1e-5)  # used as initialised
-    assert metrics[1]["logit_scale"] == pytest.approx(100.0, rel=1e-5)  # clamped after step 1
+def _check(metrics, saved, rel=1e-5):
+    assert metrics[0]["logit_scale"] == pytest.approx(math.exp(5.0), rel=rel)  # used as initialised
+    assert metrics[1]["logit_scale"] == pytest.approx(100.0, rel=rel)  # clamped after step 1
     assert saved.dtype == torch.float32 or saved.dtype == torch.bfloat16
     assert float(saved) <= CAP + 1e-6 and float(saved) >= CAP - 0.05
 
@@ -52,4 +52,5 @@ def test_gradient_at_the_cap_is_not_zero():
                                            (2, ["parallel.pp=2"])], ids=["zero3", "zero1_bf16", "pp2"])
 def test_clamped_under_parallel_layouts(tmp_path, nproc, layout):
     metrics, saved = _train(tmp_path, nproc, *layout)
-    _check(metrics, saved)
+    # a bf16 copy of the parameter rounds ln 100 (4.605) to 4.594: exp gives 98.9, not 100
+    _check(metrics, saved, rel=2e-2 if "train.precision=bf16" in layout else 1e-5)
