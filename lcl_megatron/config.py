@@ -78,7 +78,8 @@ class DataConfig:
     heldout: str = "embedded:digits"  # zero-shot split; "" disables zero-shot eval
     num_workers: int = 0
     split: str = "shards"  # shards: each DP rank reads its own shards; samples: all read, each keeps its rows
-    shuffle_buffer: int = 256
+    shuffle_buffer: int = 5000  # samples mixed at random per stream, the reference's size for pairs
+    interleave_shards: int = 8  # shards each stream reads at once, a sample from each in turn
     # Training images: the reference's random resized crop (area fraction in [crop_scale_min, 1],
     # aspect 3/4..4/3, bicubic); false: the evaluation transform (resize + centre crop).
     augment: bool = True
@@ -392,6 +393,9 @@ def validate_config(cfg: Config, check_data: bool = True) -> None:
              "needs a set to evaluate: eval.zeroshot or eval.retrieval")
     _require(0 <= cfg.data.img_first_prob <= 1, "data.img_first_prob", "must be in [0, 1]")
     _require(0 < cfg.data.crop_scale_min <= 1, "data.crop_scale_min", f"must be in (0, 1], got {cfg.data.crop_scale_min}")
+    _require(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {cfg.data.shuffle_buffer}")
+    _require(cfg.data.interleave_shards >= 1, "data.interleave_shards",
+             f"must be >= 1, got {cfg.data.interleave_shards}")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(cfg.data.split in ("shards", "samples"), "data.split", f"must be 'shards' or 'samples', got {cfg.data.split!r}")
     _require(cfg.data.pack_open_rows >= 1, "data.pack_open_rows", "must be >= 1")

@@ -12,8 +12,10 @@ dataset i with probability weight_i / sum(weights) ("DIR:WEIGHT", default 1).
 Each data-parallel rank, and each loader worker within it, reads its own
 stream of every dataset: per epoch the shard list is shuffled from (seed, epoch) identically
 everywhere and dealt out round-robin (or, with fewer shards than streams,
-every stream reads all shards and keeps every n-th sample), then a shuffle
-buffer mixes samples. Epochs repeat forever. Every random choice comes from
+every stream reads all shards and keeps every n-th sample); each stream reads
+`data.interleave_shards` of its shards at once, a sample from each in turn, and
+a shuffle buffer (`data.shuffle_buffer`, 5,000 as the reference's) mixes them,
+so that a batch's contrastive negatives come from many shards. Epochs repeat forever. Every random choice comes from
 generators seeded by (seed, epoch, stream) or (seed, epoch, shard, key), so a
 run is reproducible and resuming replays it.
 
@@ -189,9 +191,10 @@ def collate(rows: list[tuple[list[int], list[torch.Tensor]]], context_length: in
 class SampleStream:
     """The endless, deterministic sample sequence of one stream (DP rank x worker)."""
 
-    def __init__(self, shards: list[str], *, stream: int, num_streams: int, seed: int, shuffle_buffer: int):
+    def __init__(self, shards: list[str], *, stream: int, num_streams: int, seed: int, shuffle_buffer: int,
+                 interleave_shards: int = 1):
         self.shards, self.stream, self.num_streams = list(shards), stream, num_streams
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.seed, self.shuffle_buffer, self.interleave_shards = seed, shuffle_buffer, max(1, interleave_shards)
 
     def epoch_shards(self, epoch: int) -> tuple[list[str], bool]:
         """(this stream's shards, whether samples must be dealt out too) for `epoch`."""
@@ -205,14 +208,28 @@ class SampleStream:
         """(shard name, sample) pairs of one epoch, before the shuffle buffer."""
         shards, deal = self.epoch_shards(epoch)
         position = 0
-        for shard in shards:
-            try:
-                for sample in read_shard(shard):
-                    if not deal or position % self.num_streams == self.stream:
-                        yield os.path.basename(shard), sample
-                    position += 1
-            except ShardError:
-                stats["shards_unreadable"] += 1
+        for shard, sample in self._interleaved(shards, stats):
+            if not deal or position % self.num_streams == self.stream:
+                yield shard, sample
+            position += 1
+
+    def _interleaved(self, shards: list[str], stats: Counter) -> Iterator[tuple[str, dict]]:
+        """Samples of `interleave_shards` shards at a time, one from each in turn (a new shard
+        opens as one ends), so that a shuffle buffer smaller than a shard still mixes shards."""
+        pending = list(shards)
+        open_: list[tuple[str, Iterator[dict]]] = []
+        while pending or open_:
+            while pending and len(open_) < self.interleave_shards:
+                shard = pending.pop(0)
+                open_.append((os.path.basename(shard), read_shard(shard)))
+            for entry in list(open_):
+                try:
+                    yield entry[0], next(entry[1])
+                except StopIteration:
+                    open_.remove(entry)
+                except ShardError:
+                    stats["shards_unreadable"] += 1
+                    open_.remove(entry)
 
     def __call__(self, stats: Counter) -> Iterator[tuple[int, str, dict]]:
         """(epoch, shard name, sample) forever, through a shuffle buffer."""
@@ -241,8 +258,10 @@ class BatchStream(torch.utils.data.IterableDataset):
 
     def __init__(self, datasets: list[tuple[list[str], float]], settings: SampleSettings, *,
                  micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int, seed: int,
-                 shuffle_buffer: int, tokenizer=None, packing: bool = False, pack_open_rows: int = 8):
+                 shuffle_buffer: int, tokenizer=None, packing: bool = False, pack_open_rows: int = 8,
+                 interleave_shards: int = 1):
         super().__init__()
+        self.interleave_shards = interleave_shards
         self.packing, self.pack_open_rows = packing, pack_open_rows
         self.datasets, self.settings, self.micro_batch_size = datasets, settings, micro_batch_size
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, max(1, num_workers)
@@ -290,7 +309,8 @@ class BatchStream(torch.utils.data.IterableDataset):
     def _mixed_samples(self, stream_id: int, stats: Counter):
         """(dataset index, (epoch, shard, sample)) forever, datasets drawn by weight."""
         streams = [SampleStream(shards, stream=stream_id, num_streams=self.dp_size * self.num_workers,
-                                seed=derive_seed(self.seed, "dataset", i), shuffle_buffer=self.shuffle_buffer)(stats)
+                                seed=derive_seed(self.seed, "dataset", i), shuffle_buffer=self.shuffle_buffer,
+                                interleave_shards=self.interleave_shards)(stats)
                    for i, (shards, _) in enumerate(self.datasets)]
         if len(streams) == 1:
             for item in streams[0]:
@@ -359,7 +379,8 @@ def build_train_loader(data_cfg, *, image_size: int, num_image_tokens: int, cont
     dataset = BatchStream(datasets, settings, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                           num_workers=data_cfg.num_workers, seed=seed,
                           shuffle_buffer=max(1, data_cfg.shuffle_buffer), tokenizer=tokenizer,
-                          packing=data_cfg.packing, pack_open_rows=data_cfg.pack_open_rows)
+                          packing=data_cfg.packing, pack_open_rows=data_cfg.pack_open_rows,
+                          interleave_shards=data_cfg.interleave_shards)
     return TrainLoader(dataset, data_cfg.num_workers)
 
 
