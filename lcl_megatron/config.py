@@ -68,6 +68,10 @@ class ModelConfig:
     pool_heads: int = 8
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100)
+    # reference: the reference's init per tensor family (PyTorch defaults in the ViT, OpenCLIP's
+    # text tower, nn.Linear's LM head; model/init.py); openclip_text: OpenCLIP's text-tower init
+    # (std width^-0.5, output projections (2 layers)^-0.5, zero biases) in both towers and the head.
+    init: str = "reference"
 
 
 @dataclass
@@ -319,6 +323,7 @@ def validate_model(m: ModelConfig) -> None:
     _require(t.context_length > v.num_patches + 3, "model.text.context_length",
              f"must exceed the image run of {v.num_patches + 2} tokens, got {t.context_length}")
     _require(m.max_logit_scale > 0, "model.max_logit_scale", "must be positive")
+    _require(m.init in ("reference", "openclip_text"), "model.init", f"must be 'reference' or 'openclip_text', got {m.init!r}")
 
 
 def _check_data_path(entry: str, key: str) -> None:

@@ -95,6 +95,10 @@ class LCLModel(nn.Module):
         model.loss_weights = {"generation_weight": cfg.loss.generation_weight,
                               "contrastive_weight": cfg.loss.contrastive_weight}
         model.loss_impl = model.text.lm_head.impl = cfg.loss.impl
+        if cfg.model.init == "reference" and not model.logit_scale.is_meta:
+            from lcl_megatron.model.init import reference_init_
+
+            reference_init_(model, cfg.model)
         return model
 
     def scale(self) -> torch.Tensor:
