@@ -1,9 +1,11 @@
 """The reference's data recipe in the training loader: random resized crops that a resumed
-run replays, and shuffling that mixes shards before the shuffle buffer."""
+run replays, shuffling that mixes shards before the shuffle buffer, and MMC4 images picked in the
+reference's order."""
 
 import io
 from collections import Counter
 
+import pytest
 import torch
 from PIL import Image
 
@@ -59,3 +61,37 @@ def test_a_stream_interleaves_its_shards(tmp_path):
 def test_reference_shuffle_defaults():
     cfg = DataConfig()
     assert cfg.shuffle_buffer == 5000 and cfg.interleave_shards > 1 and cfg.augment and cfg.crop_scale_min == 0.9
+
+
+def _reference_mmc4_images(matched_sentences, loadable, max_images=6):
+    """The reference's order (src/training/interleaved.py): one image per sentence, at most
+    `max_images`, and only then are the images that fail to load dropped."""
+    chosen = sorted(set(matched_sentences))[:max_images]
+    return [i for i in chosen if i in loadable]
+
+
+@pytest.mark.parametrize("form", ["mmc4", "items"])
+def test_mmc4_picks_and_caps_before_dropping_unloadable_images(tmp_path, form):
+    import json
+
+    from lcl_megatron.data.prepare import mmc4_main
+    from lcl_megatron.tokens import SOI_ID
+
+    images = tmp_path / "images"
+    images.mkdir()
+    sentences = [f"sentence number {i} of the page." for i in range(8)]
+    infos = [{"image_name": f"photo{i}.png", "matched_text_index": i, "matched_sim": 0.3} for i in range(8)]
+    for i in range(8):
+        if i != 2:  # photo2 was never downloaded
+            out = io.BytesIO()
+            Image.new("RGB", (20, 20), (30 * i, 0, 0)).save(out, format="PNG")
+            (images / f"photo{i}.png").write_bytes(out.getvalue())
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"url": "u", "text_list": sentences, "image_info": infos}) + "\n")
+    assert mmc4_main(["--docs", str(tmp_path / "docs.jsonl"), "--images", str(images), "--out", str(tmp_path / "out"),
+                      "--form", form, "--workers", "1", "--no-progress"]) == 0
+    loader = build_train_loader(DataConfig(path=[str(tmp_path / "out")], shuffle_buffer=1), image_size=16,
+                                num_image_tokens=4, context_length=256, micro_batch_size=1, dp_rank=0, dp_size=1, seed=0)
+    batch = next(iter(loader))
+    expected = _reference_mmc4_images(range(8), loadable=set(range(8)) - {2})
+    assert len(expected) == 5  # the reference's 5, where picking among the survivors gave 6
+    assert int((batch["input_ids"] == SOI_ID).sum()) == batch["images"].shape[0] == len(expected)
