@@ -69,7 +69,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(
         prog="lcl eval retrieval", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split("\n\n")[0] + "\n\nSets (see lcl_megatron/eval/datasets.py): embedded:NAME (held-out "
+        description="\n\n".join(__doc__.split("\n\n")[:2]) + "\n\nSets (see lcl_megatron/eval/datasets.py): embedded:NAME (held-out "
         "images captioned with their class prompt), webdataset shards of image + txt (one caption per line), or a "
         "folder of images with captions.tsv (IMAGE<TAB>CAPTION lines, several per image).")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")

@@ -82,11 +82,13 @@ def main(argv=None) -> int:
     try:
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+        # a set named on the command line is checked before the model is loaded
+        dataset = LabelledSet.open(args.data, args.classnames, args.templates) if args.data else None
         cfg, model = load_for_eval(args.checkpoint)
         entry = args.data or cfg.data.heldout
         if not entry:
             raise ConfigError("no held-out set: pass --data")
-        dataset = LabelledSet.open(entry, args.classnames, args.templates)
+        dataset = dataset or LabelledSet.open(entry, args.classnames, args.templates)
         result = zeroshot_evaluate(model, dataset, args.batch_size)
     except (ConfigError, CheckpointMismatch, FileNotFoundError, ValueError) as e:
         print(f"lcl eval zeroshot: {e}", file=sys.stderr)
