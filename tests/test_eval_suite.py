@@ -187,3 +187,23 @@ def test_plan_prints_samples_seen():
 def test_eval_every_without_a_set_is_refused(tmp_path):
     proc = run_lcl(["train", "--config", "configs/demo.yaml", "eval.every=10", f"run.dir={tmp_path}"], check=False)
     assert proc.returncode == 2 and "eval.every" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["parallel.zero_stage=3"], ["parallel.pp=2"]], ids=["zero3", "pp2"])
+def test_eval_every_under_partitioned_layouts_sees_the_whole_model(tmp_path, layout):
+    """ZeRO-3 partitions and pipeline stages hold parts of the model: the evaluation during training
+    must score the same weights that `lcl eval` reads back from the step's consolidated checkpoint."""
+    run_dir = tmp_path / "run"
+    run_lcl(["train", "--config", "configs/demo.yaml", *BASE, "train.steps=2", "train.micro_batch_size=4",
+             "checkpoint.every=2", "eval.every=2", "eval.zeroshot=[embedded:digits]",
+             "eval.retrieval=[embedded:digits]", f"run.dir={run_dir}", *layout], nproc=2)
+    during = next(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                  if "zeroshot/embedded_digits/top1" in line)
+    ckpt = str(run_dir / "checkpoints" / "step_00000002")
+    after = last_json(run_lcl(["eval", "zeroshot", "--checkpoint", ckpt, "--data", "embedded:digits"]))
+    assert during["zeroshot/embedded_digits/top1"] == pytest.approx(after["top1"], abs=1 / 359)
+    assert during["zeroshot/embedded_digits/top5"] == pytest.approx(after["top5"], abs=1 / 359)
+    retrieval = last_json(run_lcl(["eval", "retrieval", "--checkpoint", ckpt, "--data", "embedded:digits"]))
+    assert during["retrieval/embedded_digits/image_to_text_R@5"] == pytest.approx(retrieval["image_to_text_R@5"],
+                                                                                  abs=1 / 359)

@@ -190,7 +190,7 @@ def full_model(model, engine, cfg: Config):
             first_of_stage = parallel_state.get_data_parallel_rank() == 0 \
                 and parallel_state.get_tensor_model_parallel_rank() == 0
             parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, tensors if first_of_stage else {})
+            dist.all_gather_object(parts, {k: v.cpu() for k, v in tensors.items()} if first_of_stage else {})
             load_canonical(model, {k: v for part in parts for k, v in part.items()})
     with gathered:
         model.eval()
