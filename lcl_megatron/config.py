@@ -70,6 +70,10 @@ class ModelConfig:
     pool_heads: int = 8
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100)
+    # reference: the reference's init per tensor family (PyTorch defaults in the ViT, OpenCLIP's
+    # text tower, nn.Linear's LM head; model/init.py); openclip_text: OpenCLIP's text-tower init
+    # (std width^-0.5, output projections (2 layers)^-0.5, zero biases) in both towers and the head.
+    init: str = "reference"
 
 
 @dataclass
@@ -80,7 +84,12 @@ class DataConfig:
     heldout: str = "embedded:digits"  # zero-shot split; "" disables zero-shot eval
     num_workers: int = -1  # loader processes per training process; -1: 0 on CPU-only machines, up to 4 with GPUs
     split: str = "shards"  # shards: each DP rank reads its own shards; samples: all read, each keeps its rows
-    shuffle_buffer: int = 256
+    shuffle_buffer: int = 5000  # samples mixed at random per stream, the reference's size for pairs
+    interleave_shards: int = 8  # shards each stream reads at once, a sample from each in turn
+    # Training images: the reference's random resized crop (area fraction in [crop_scale_min, 1],
+    # aspect 3/4..4/3, bicubic); false: the evaluation transform (resize + centre crop).
+    augment: bool = True
+    crop_scale_min: float = 0.9
     img_first_prob: float = 0.5  # pairs: image before caption with this probability
     min_similarity: float = 0.24  # MMC4: drop images matched below this
     max_images: int = 6  # MMC4: images kept per document
@@ -114,6 +123,10 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
+    # Samples to train on; > 0 overrides train.steps with the steps that see this many samples at
+    # the run's global batch (micro_batch_size x grad_accumulation x data-parallel size), as the
+    # reference derives its steps (and so its cosine) from epochs x batches per epoch.
+    samples: int = 0
     seed: int = 0
     micro_batch_size: int = 8
     grad_accumulation: int = 1
@@ -152,6 +165,14 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0  # steps between evaluations during training (0: none; data.heldout still gets the final zero-shot)
+    zeroshot: list = field(default_factory=list)  # labelled sets: embedded:NAME, image folders, shards + class names
+    retrieval: list = field(default_factory=list)  # image-text sets: embedded:NAME, shards of image + txt, captions.tsv
+    batch_size: int = 64  # images per forward pass
+
+
+@dataclass
 class RunConfig:
     name: str = "lcl"
     dir: str = ""  # default: runs/<name>
@@ -169,6 +190,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -361,6 +383,7 @@ def validate_model(m: ModelConfig) -> None:
              f"must be at least {shortest} (<start_of_text>, an image run of {v.num_patches + 2} tokens and one "
              f"more token), got {t.context_length}")
     _require(m.max_logit_scale > 0, "model.max_logit_scale", "must be positive")
+    _require(m.init in ("reference", "openclip_text"), "model.init", f"must be 'reference' or 'openclip_text', got {m.init!r}")
 
 
 def _check_data_path(entry: str, key: str) -> None:
@@ -414,6 +437,7 @@ def validate_config(cfg: Config, check_data: bool = True) -> None:
     _require(s.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
     _require(0 <= s.min_lr <= o.lr, "schedule.min_lr", f"must be in [0, optim.lr], got {s.min_lr}")
     _require(t.steps > 0, "train.steps", f"must be positive, got {t.steps}")
+    _require(t.samples >= 0, "train.samples", f"must be >= 0, got {t.samples}")
     _require(t.micro_batch_size > 0, "train.micro_batch_size", f"must be positive, got {t.micro_batch_size}")
     _require(t.grad_accumulation > 0, "train.grad_accumulation", f"must be positive, got {t.grad_accumulation}")
     _require(t.exit_interval >= 0, "train.exit_interval", f"must be >= 0, got {t.exit_interval}")
@@ -442,11 +466,19 @@ def validate_config(cfg: Config, check_data: bool = True) -> None:
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _require(cfg.logging.every >= 1, "logging.every", "must be >= 1")
+    _require(cfg.eval.every >= 0, "eval.every", "must be >= 0")
+    _require(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _require(not cfg.eval.every or cfg.eval.zeroshot or cfg.eval.retrieval, "eval.every",
+             "needs a set to evaluate: eval.zeroshot or eval.retrieval")
     _require(0 <= cfg.data.img_first_prob <= 1, "data.img_first_prob", "must be in [0, 1]")
     try:
         parse_profile_steps(t.profile_steps)
     except ValueError as e:
         raise ConfigError(f"config key 'train.profile_steps' {e}") from None
+    _require(0 < cfg.data.crop_scale_min <= 1, "data.crop_scale_min", f"must be in (0, 1], got {cfg.data.crop_scale_min}")
+    _require(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {cfg.data.shuffle_buffer}")
+    _require(cfg.data.interleave_shards >= 1, "data.interleave_shards",
+             f"must be >= 1, got {cfg.data.interleave_shards}")
     _require(cfg.data.num_workers >= -1, "data.num_workers", f"must be >= 0, or -1 (auto), got {cfg.data.num_workers}")
     _require(cfg.data.split in ("shards", "samples"), "data.split", f"must be 'shards' or 'samples', got {cfg.data.split!r}")
     _require(cfg.data.pack_open_rows >= 1, "data.pack_open_rows", "must be >= 1")
@@ -460,6 +492,17 @@ def validate_config(cfg: Config, check_data: bool = True) -> None:
         _check_data_path(entry, f"data.path[{i}]" if len(cfg.data.path) > 1 else "data.path")
     if cfg.data.heldout:
         _check_data_path(cfg.data.heldout, "data.heldout")
+    for kind in ("zeroshot", "retrieval"):
+        for i, entry in enumerate(getattr(cfg.eval, kind)):
+            _check_data_path(entry, f"eval.{kind}[{i}]")
+
+
+def steps_for(train: TrainConfig, dp_size: int) -> int:
+    """Optimizer steps of a run on `dp_size` data-parallel replicas: train.steps, or with
+    train.samples the fewest steps that see that many samples."""
+    if train.samples:
+        return math.ceil(train.samples / (train.micro_batch_size * train.grad_accumulation * dp_size))
+    return train.steps
 
 
 def world_size_from_env() -> int:

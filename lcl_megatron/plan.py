@@ -33,7 +33,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from lcl_megatron.config import Config, ConfigError, load_config, validate_model
+from lcl_megatron.config import Config, ConfigError, load_config, steps_for, validate_model
 
 GiB = 1024 ** 3
 _LM_LAYER = re.compile(r"^text\.layers\.(\d+)\.")
@@ -486,6 +486,9 @@ def format_plan(plan: Plan, cfg: Config, source: str) -> str:
         f"batch       {tr.micro_batch_size} samples/micro-batch x {tr.grad_accumulation} micro-batches x "
         f"{lay.dp} DP = {plan.global_batch} samples/step; {t.context_length} LM tokens per sample, up to "
         f"{plan.images_per_microbatch} images of {v.num_patches + 1} ViT tokens per micro-batch",
+        f"schedule    {steps_for(tr, lay.dp):,} steps x {plan.global_batch:,} samples/step = "
+        f"{steps_for(tr, lay.dp) * plan.global_batch:,} samples seen"
+        + (f" (train.samples={tr.samples:,})" if tr.samples else " (train.steps; set train.samples to fix the samples)"),
         f"activation checkpointing: ViT {on(cfg.parallel.activation_checkpointing_vit)}, "
         f"LM {on(cfg.parallel.activation_checkpointing_lm)}; loss {cfg.loss.impl}",
         "",

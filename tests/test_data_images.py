@@ -59,3 +59,55 @@ def test_corrupt_truncated_and_oversized_images_raise_bad_image():
             decode_image(data)
     with pytest.raises(BadImage):
         decode_image(encode(Image.new("1", (9000, 9000))))
+
+
+def _reference_crop_box(width, height, rng, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision.transforms.RandomResizedCrop.get_params, written out with the same draws from `rng`."""
+    import math
+
+    area = width * height
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = rng.randint(0, height - h)
+            j = rng.randint(0, width - w)
+            return j, i, w, h
+    in_ratio = width / height
+    w, h = ((width, int(round(width / ratio[0]))) if in_ratio < ratio[0] else
+            (int(round(height * ratio[1])), height) if in_ratio > ratio[1] else (width, height))
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+@pytest.mark.parametrize("size", [(64, 48), (40, 90), (33, 33)])
+def test_random_resized_crop_follows_the_reference_rule(size):
+    import random
+
+    from lcl_megatron.data.images import random_resized_crop_box
+
+    width, height = size
+    for seed in range(50):
+        box = random_resized_crop_box(width, height, random.Random(seed))
+        assert box == _reference_crop_box(width, height, random.Random(seed))
+        left, top, w, h = box
+        assert 3 / 4 * 0.95 <= w / h <= 4 / 3 * 1.05
+        if 3 / 4 <= width / height <= 4 / 3:  # otherwise the fallback crop clamps the aspect ratio
+            assert 0.85 <= w * h / (width * height) <= 1.0
+        assert left + w <= width and top + h <= height
+
+
+def test_training_crop_is_bicubic_resize_of_the_box_and_deterministic():
+    import random
+
+    from lcl_megatron.data.images import random_resized_crop_box
+
+    pixels = np.random.default_rng(1).integers(0, 256, size=(50, 70, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    x = preprocess_image(image, 16, random.Random(3))
+    left, top, w, h = random_resized_crop_box(70, 50, random.Random(3))
+    expected = preprocess_image(image.crop((left, top, left + w, top + h)).resize((16, 16), Image.Resampling.BICUBIC), 16)
+    assert torch.equal(x, expected)
+    assert torch.equal(x, preprocess_image(image, 16, random.Random(3)))  # same seed, same pixels (exact resume)
+    assert not torch.equal(x, preprocess_image(image, 16, random.Random(4)))
+    assert not torch.equal(x, preprocess_image(image, 16))  # evaluation transform: resize + centre crop

@@ -5,7 +5,9 @@ Two output forms:
   with only its usable images, renamed `img{i}.{ext}`; the loader draws the
   reference's random choices (one image per sentence, placement) anew in
   every epoch, as the reference does. Only the similarity threshold, which
-  involves no chance, is applied here.
+  involves no chance, is applied here. Images that fail to load stay in
+  `image_info` under `unloadable/NAME` (no such member), so that the loader
+  picks and caps before dropping them, in the reference's order.
 - `items`: the reference's rules are applied once, here, from `seed`, and the
   document is stored as ordered items (see documents.py).
 
@@ -31,6 +33,7 @@ from lcl_megatron.data.loader import derive_seed
 from lcl_megatron.data.sequences import parse_mmc4
 
 INPUT_SUFFIXES = (".jsonl.zip", ".jsonl")
+UNLOADABLE_PREFIX = "unloadable/"  # image_info name of an image that failed to load: never a sample member
 
 
 @dataclass(frozen=True)
@@ -113,20 +116,26 @@ def convert_document(raw: dict, folders: list[str], opts: Mmc4Options, rng: rand
     files: dict[str, bytes] = {}
     stored: dict[str, str] = {}  # image_name -> member name in the sample
     usable: list[tuple[int, float, str]] = []
+    # Every match above the threshold, in order, an image that failed to load under a name no member
+    # has: the reference picks one image per sentence and caps the count first, then drops the
+    # images that fail to load, so the picking must see them.
+    matched: list[tuple[int, float, str]] = []
     for index, sim, name in matches:
         if sim < opts.min_similarity:
             stats["images_dropped_below_similarity"] += 1
             continue
         if name in stored:
             usable.append((index, sim, stored[name]))
+            matched.append(usable[-1])
             stats["images_out"] += 1
             continue
         member = store_image(_read_image(folders, name), files, stats, opts.max_pixels)
         if member is not None:
             stored[name] = member
             usable.append((index, sim, member))
+        matched.append((index, sim, member if member is not None else UNLOADABLE_PREFIX + name))
     if opts.form == "items":
-        chosen = _select(usable, rng, opts)
+        chosen = [(index, name) for index, name in _select(matched, rng, opts) if name in files]
         unchosen = len(usable) - len(chosen)
         stats["images_dropped_not_selected"] += unchosen
         stats["images_out"] -= unchosen
@@ -140,7 +149,7 @@ def convert_document(raw: dict, folders: list[str], opts: Mmc4Options, rng: rand
         document = json.dumps({
             "url": raw.get("url", ""), "text_list": sentences,
             "image_info": [{"image_name": member, "matched_text_index": index, "matched_sim": sim}
-                           for index, sim, member in usable],
+                           for index, sim, member in matched],
         }, ensure_ascii=False, sort_keys=True).encode()
     if kept < max(1, opts.min_images):
         stats["docs_dropped_no_usable_image"] += 1

@@ -8,6 +8,8 @@ Each rank decodes the whole global batch, so at scale `data.split: shards`
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from lcl_megatron import tokens
@@ -48,3 +50,20 @@ class GlobalBatchSlicer:
 
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
+
+
+def build_loader(cfg, dp_rank: int, dp_size: int):
+    """The training loader of DP rank `dp_rank` of `dp_size` for a run config, by its data.split;
+    on a GPU machine with loader processes (data.num_workers=-1: automatic) and pinned batches."""
+    from lcl_megatron.data.loader import build_train_loader, resolve_num_workers
+
+    v = cfg.model.vision
+    by_samples = cfg.data.split == "samples"
+    on_gpu = torch.cuda.is_available()
+    workers = resolve_num_workers(cfg.data.num_workers, on_gpu, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    loader = build_train_loader(cfg.data, image_size=v.image_size, num_image_tokens=v.num_patches,
+                                context_length=cfg.model.text.context_length,
+                                micro_batch_size=cfg.train.micro_batch_size * (dp_size if by_samples else 1),
+                                dp_rank=0 if by_samples else dp_rank, dp_size=1 if by_samples else dp_size,
+                                seed=cfg.train.seed, num_workers=workers, pin_memory=on_gpu)
+    return GlobalBatchSlicer(loader, dp_rank, dp_size) if by_samples else loader

@@ -1,14 +1,19 @@
-"""Image decoding and preprocessing, as OpenCLIP's evaluation transform does it.
+"""Image decoding and preprocessing, as OpenCLIP's transforms do it.
 
-OpenCLIP (and so the LCL reference) resizes the shorter side to `image_size`
-with bicubic filtering, centre-crops a square, scales to [0, 1] and normalises
-with OpenAI's CLIP statistics. torchvision is not usable here, so the same
-steps are written with PIL and numpy.
+Evaluation: OpenCLIP (and so the LCL reference) resizes the shorter side to
+`image_size` with bicubic filtering, centre-crops a square, scales to [0, 1]
+and normalises with OpenAI's CLIP statistics. Training: the reference's
+`RandomResizedCrop(image_size, scale=(0.9, 1.0), ratio=(3/4, 4/3), bicubic)`
+instead of resize + centre crop. torchvision is not usable here, so the same
+steps are written with PIL and numpy; the crop draws from a `random.Random`
+the caller seeds per sample, so a resumed run sees the same pixels.
 """
 
 from __future__ import annotations
 
 import io
+import math
+import random
 import warnings
 
 import numpy as np
@@ -75,20 +80,62 @@ def _center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+# The reference's train crop (open_clip.transform.image_transform with its default AugmentationCfg).
+CROP_SCALE = (0.9, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def random_resized_crop_box(width: int, height: int, rng: random.Random, scale=CROP_SCALE,
+                            ratio=CROP_RATIO) -> tuple[int, int, int, int]:
+    """(left, top, crop width, crop height) by torchvision's RandomResizedCrop.get_params rule:
+    ten tries at an area fraction uniform in `scale` and a log-uniform aspect ratio in `ratio`,
+    then a centre crop clamped to `ratio`."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = rng.randint(0, height - h)  # torchvision draws the row first
+            return rng.randint(0, width - w), top, w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
 _MEAN = np.asarray(OPENAI_DATASET_MEAN, dtype=np.float32)
 _STD = np.asarray(OPENAI_DATASET_STD, dtype=np.float32)
 
 
-def preprocess_image(image: Image.Image, image_size: int) -> torch.Tensor:
-    """RGB PIL image -> normalised float32 tensor [3, image_size, image_size]."""
+def preprocess_image(image: Image.Image, image_size: int, crop_rng: random.Random | None = None,
+                     crop_scale=CROP_SCALE) -> torch.Tensor:
+    """RGB PIL image -> normalised float32 tensor [3, image_size, image_size].
+
+    Without `crop_rng`: the evaluation transform (resize + centre crop); with it,
+    the training transform (a random resized crop drawn from `crop_rng`).
+    """
     if image.mode != "RGB":
         image = image.convert("RGB")
-    image = _center_crop(_resize_shorter_side(image, image_size), image_size)
+    if crop_rng is None:
+        image = _center_crop(_resize_shorter_side(image, image_size), image_size)
+    else:
+        left, top, w, h = random_resized_crop_box(image.width, image.height, crop_rng, crop_scale)
+        # crop, then resize, as torchvision's resized_crop does on PIL images
+        image = image.crop((left, top, left + w, top + h)).resize((image_size, image_size), Image.Resampling.BICUBIC)
     pixels = np.asarray(image, dtype=np.float32) / 255.0
     pixels = (pixels - _MEAN) / _STD
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
-def load_image(data: bytes, image_size: int) -> torch.Tensor:
-    """Encoded bytes -> normalised tensor [3, image_size, image_size]; raises BadImage."""
-    return preprocess_image(decode_image(data), image_size)
+def load_image(data: bytes, image_size: int, crop_rng: random.Random | None = None,
+               crop_scale=CROP_SCALE) -> torch.Tensor:
+    """Encoded bytes -> normalised tensor [3, image_size, image_size]; raises BadImage.
+    `crop_rng` selects the training transform (see `preprocess_image`)."""
+    return preprocess_image(decode_image(data), image_size, crop_rng, crop_scale)

@@ -12,8 +12,10 @@ dataset i with probability weight_i / sum(weights) ("DIR:WEIGHT", default 1).
 Each data-parallel rank, and each loader worker within it, reads its own
 stream of every dataset: per epoch the shard list is shuffled from (seed, epoch) identically
 everywhere and dealt out round-robin (or, with fewer shards than streams,
-every stream reads all shards and keeps every n-th sample), then a shuffle
-buffer mixes samples. Epochs repeat forever. Every random choice comes from
+every stream reads all shards and keeps every n-th sample); each stream reads
+`data.interleave_shards` of its shards at once, a sample from each in turn, and
+a shuffle buffer (`data.shuffle_buffer`, 5,000 as the reference's) mixes them,
+so that a batch's contrastive negatives come from many shards. Epochs repeat forever. Every random choice comes from
 generators seeded by (seed, epoch, stream) or (seed, epoch, shard, key), so a
 run is reproducible and resuming replays it.
 
@@ -43,7 +45,7 @@ import torch
 from lcl_megatron.tokens import PAD_ID
 from lcl_megatron.data.documents import Document, Image
 from lcl_megatron.data.embedded import CLASS_PROMPTS_FILE, HELDOUT_SHARD, corpus_index, ensure_corpus
-from lcl_megatron.data.images import BadImage, load_image
+from lcl_megatron.data.images import CROP_SCALE, BadImage, load_image
 from lcl_megatron.data.packing import RowPacker, collate_packed
 from lcl_megatron.data.sequences import (encode_document, encode_pair, parse_mmc4, place_mmc4_images,
                                          select_mmc4_images)
@@ -97,34 +99,39 @@ class SampleSettings:
     img_first_prob: float = 0.5
     min_similarity: float = 0.24
     max_images: int = 6
+    augment: bool = False  # training crops (images.py) instead of the evaluation transform
+    crop_scale: tuple = CROP_SCALE
 
 
 class _Skip(Exception):
     """A sample that cannot be used; the message is the counter's name."""
 
 
-def _decode(sample: dict, name: str, settings: SampleSettings, stats: Counter):
+def _decode(sample: dict, name: str, settings: SampleSettings, stats: Counter, crop_rng: random.Random | None):
     data = sample.get(name)
     if data is None:
         stats["images_missing"] += 1
         return None
     try:
-        return load_image(data, settings.image_size)
+        return load_image(data, settings.image_size, crop_rng, settings.crop_scale)
     except BadImage:
         stats["images_corrupt"] += 1
         return None
 
 
 def sample_to_row(sample: dict, rng: random.Random, tokenizer, settings: SampleSettings,
-                  stats: Counter) -> tuple[list[int], list[torch.Tensor]]:
+                  stats: Counter, crop_rng: random.Random | None = None) -> tuple[list[int], list[torch.Tensor]]:
     """One shard sample -> (ids, image tensors); raises _Skip(reason) for unusable samples.
 
     The kind is told by what the sample holds: a document (`json` with "items"),
     an MMC4 document (`json` with "text_list"/"image_info" and image files named
     by `image_name`), or an image-text pair (`txt` plus jpg/jpeg/png/webp; a
     `json` beside them is the pair's metadata, as img2dataset writes url,
-    caption, width, height and status for every LAION sample).
+    caption, width, height and status for every LAION sample). With
+    `settings.augment` the images are cropped at random from `crop_rng` (a
+    generator of their own, so that the crops do not change the text's random choices).
     """
+    crop_rng = crop_rng if settings.augment else None
     P, L = settings.num_image_tokens, settings.context_length
     image_ext = next((ext for ext in PAIR_IMAGE_EXTENSIONS if ext in sample), None)
     obj = None
@@ -151,7 +158,7 @@ def sample_to_row(sample: dict, rng: random.Random, tokenizer, settings: SampleS
         if doc is None:  # MMC4: images that fail to load are dropped before placement, as the reference does
             loaded = []
             for index, name in selected:
-                tensor = _decode(sample, name, settings, stats)
+                tensor = _decode(sample, name, settings, stats, crop_rng)
                 if tensor is not None:
                     tensors[name] = tensor
                     loaded.append((index, name))
@@ -159,7 +166,7 @@ def sample_to_row(sample: dict, rng: random.Random, tokenizer, settings: SampleS
         else:
             for image in doc.images:
                 if image.name not in tensors:
-                    tensor = _decode(sample, image.name, settings, stats)
+                    tensor = _decode(sample, image.name, settings, stats, crop_rng)
                     if tensor is not None:
                         tensors[image.name] = tensor
             doc = Document([item for item in doc.items if not isinstance(item, Image) or item.name in tensors])
@@ -173,7 +180,7 @@ def sample_to_row(sample: dict, rng: random.Random, tokenizer, settings: SampleS
             text = sample["txt"].decode("utf-8")
         except UnicodeDecodeError:
             raise _Skip("skipped_bad_text") from None
-        tensor = _decode(sample, image_ext, settings, stats)
+        tensor = _decode(sample, image_ext, settings, stats, crop_rng)
         if tensor is None:
             raise _Skip("skipped_no_image")
         ids = encode_pair(tokenizer.encode(text), rng, num_image_tokens=P, context_length=L,
@@ -198,9 +205,10 @@ def collate(rows: list[tuple[list[int], list[torch.Tensor]]], context_length: in
 class SampleStream:
     """The endless, deterministic sample sequence of one stream (DP rank x worker)."""
 
-    def __init__(self, shards: list[str], *, stream: int, num_streams: int, seed: int, shuffle_buffer: int):
+    def __init__(self, shards: list[str], *, stream: int, num_streams: int, seed: int, shuffle_buffer: int,
+                 interleave_shards: int = 1):
         self.shards, self.stream, self.num_streams = list(shards), stream, num_streams
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.seed, self.shuffle_buffer, self.interleave_shards = seed, shuffle_buffer, max(1, interleave_shards)
         self.warned: set[str] = set()
 
     def epoch_shards(self, epoch: int) -> tuple[list[str], bool]:
@@ -215,17 +223,31 @@ class SampleStream:
         """(shard name, sample) pairs of one epoch, before the shuffle buffer."""
         shards, deal = self.epoch_shards(epoch)
         position = 0
-        for shard in shards:
-            try:
-                for sample in read_shard(shard):
-                    if not deal or position % self.num_streams == self.stream:
-                        yield os.path.basename(shard), sample
-                    position += 1
-            except ShardError as e:
-                stats["shards_unreadable"] += 1
-                if shard not in self.warned:  # once per shard, not once per epoch
-                    self.warned.add(shard)
-                    print(f"lcl: warning: skipping the rest of a damaged shard: {e}", file=sys.stderr, flush=True)
+        for shard, sample in self._interleaved(shards, stats):
+            if not deal or position % self.num_streams == self.stream:
+                yield shard, sample
+            position += 1
+
+    def _interleaved(self, shards: list[str], stats: Counter) -> Iterator[tuple[str, dict]]:
+        """Samples of `interleave_shards` shards at a time, one from each in turn (a new shard
+        opens as one ends), so that a shuffle buffer smaller than a shard still mixes shards."""
+        pending = list(shards)
+        open_: list[tuple[str, Iterator[dict]]] = []
+        while pending or open_:
+            while pending and len(open_) < self.interleave_shards:
+                shard = pending.pop(0)
+                open_.append((os.path.basename(shard), read_shard(shard)))
+            for entry in list(open_):
+                try:
+                    yield entry[0], next(entry[1])
+                except StopIteration:
+                    open_.remove(entry)
+                except ShardError as e:
+                    stats["shards_unreadable"] += 1
+                    open_.remove(entry)
+                    if entry[0] not in self.warned:  # once per shard, not once per epoch
+                        self.warned.add(entry[0])
+                        print(f"lcl: warning: skipping the rest of a damaged shard: {e}", file=sys.stderr, flush=True)
 
     def __call__(self, stats: Counter) -> Iterator[tuple[int, str, dict]]:
         """(epoch, shard name, sample) forever, through a shuffle buffer."""
@@ -254,8 +276,10 @@ class BatchStream(torch.utils.data.IterableDataset):
 
     def __init__(self, datasets: list[tuple[list[str], float]], settings: SampleSettings, *,
                  micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int, seed: int,
-                 shuffle_buffer: int, tokenizer=None, packing: bool = False, pack_open_rows: int = 8):
+                 shuffle_buffer: int, tokenizer=None, packing: bool = False, pack_open_rows: int = 8,
+                 interleave_shards: int = 1):
         super().__init__()
+        self.interleave_shards = interleave_shards
         self.packing, self.pack_open_rows = packing, pack_open_rows
         self.datasets, self.settings, self.micro_batch_size = datasets, settings, micro_batch_size
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, max(1, num_workers)
@@ -277,8 +301,9 @@ class BatchStream(torch.utils.data.IterableDataset):
         skipped_in_a_row = 0
         for dataset, (epoch, shard, sample) in self._mixed_samples(stream_id, stats):
             rng = random.Random(derive_seed(self.seed, "sample", dataset, epoch, shard, sample["__key__"]))
+            crop_rng = random.Random(derive_seed(self.seed, "crop", dataset, epoch, shard, sample["__key__"]))
             try:
-                row = sample_to_row(sample, rng, tokenizer, self.settings, stats)
+                row = sample_to_row(sample, rng, tokenizer, self.settings, stats, crop_rng)
                 rows.extend(packer.add(row) if packer is not None else [row])
                 stats["samples"] += 1
                 skipped_in_a_row = 0
@@ -302,7 +327,8 @@ class BatchStream(torch.utils.data.IterableDataset):
     def _mixed_samples(self, stream_id: int, stats: Counter):
         """(dataset index, (epoch, shard, sample)) forever, datasets drawn by weight."""
         streams = [SampleStream(shards, stream=stream_id, num_streams=self.dp_size * self.num_workers,
-                                seed=derive_seed(self.seed, "dataset", i), shuffle_buffer=self.shuffle_buffer)(stats)
+                                seed=derive_seed(self.seed, "dataset", i), shuffle_buffer=self.shuffle_buffer,
+                                interleave_shards=self.interleave_shards)(stats)
                    for i, (shards, _) in enumerate(self.datasets)]
         if len(streams) == 1:
             for item in streams[0]:
@@ -386,14 +412,16 @@ def build_train_loader(data_cfg, *, image_size: int, num_image_tokens: int, cont
     dataset = BatchStream(datasets, settings, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                           num_workers=workers, seed=seed,
                           shuffle_buffer=max(1, data_cfg.shuffle_buffer), tokenizer=tokenizer,
-                          packing=data_cfg.packing, pack_open_rows=data_cfg.pack_open_rows)
+                          packing=data_cfg.packing, pack_open_rows=data_cfg.pack_open_rows,
+                          interleave_shards=data_cfg.interleave_shards)
     return TrainLoader(dataset, workers, pin_memory)
 
 
 def settings_for(data_cfg, *, image_size: int, num_image_tokens: int, context_length: int) -> SampleSettings:
     return SampleSettings(image_size=image_size, num_image_tokens=num_image_tokens,
                           context_length=context_length, img_first_prob=data_cfg.img_first_prob,
-                          min_similarity=data_cfg.min_similarity, max_images=data_cfg.max_images)
+                          min_similarity=data_cfg.min_similarity, max_images=data_cfg.max_images,
+                          augment=data_cfg.augment, crop_scale=(data_cfg.crop_scale_min, 1.0))
 
 
 def check_readable(entry: str, settings: SampleSettings, tokenizer=None,

@@ -1,63 +1,101 @@
-"""Zero-shot classification with the reference's recipe.
+"""Zero-shot classification as the reference does it.
 
-One prompt per class; its text feature is the context feature at the
-<start_of_img> that replaces the prompt's <end_of_text>. Each image's latent is
-compared with every class's text feature; the nearest class is the prediction.
+Each class's text feature is the average of its prompts' features, one prompt
+per template ("a photo of a {}." ...), each L2-normalised, the average
+normalised again (OpenCLIP's zero-shot classifier). A prompt's feature is the
+context feature at the <start_of_img> that replaces its <end_of_text>. Images
+are compared with every class and ranked; top-1 and top-5 accuracy are reported.
 
-    lcl eval zeroshot --checkpoint DIR [--data embedded:digits]
+    lcl eval zeroshot --checkpoint DIR [--data SET] [--classnames imagenet|FILE] [--templates openai_imagenet|FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 import torch
+import torch.nn.functional as F
 
-from lcl_megatron.config import Config
+from lcl_megatron.eval.datasets import LabelledSet
+
+TEXT_BATCH = 256
 
 
 @torch.no_grad()
-def class_text_features(model, prompts: list[str]) -> torch.Tensor:
+def text_features(model, texts: list[str], batch_size: int = TEXT_BATCH) -> torch.Tensor:
+    """L2-normalised fp32 features [len(texts), D] of texts in the zero-shot layout."""
     from lcl_megatron.model.lcl import zeroshot_text_ids
     from lcl_megatron.tokenizer import get_tokenizer
 
-    ids = zeroshot_text_ids(get_tokenizer()(prompts), model.cfg.text.context_length)
-    return model.text_features(ids.to(next(model.parameters()).device))
+    tokenizer, out, device = get_tokenizer(), [], next(model.parameters()).device
+    for start in range(0, len(texts), batch_size):
+        ids = zeroshot_text_ids(tokenizer(texts[start:start + batch_size]), model.cfg.text.context_length)
+        out.append(F.normalize(model.text_features(ids.to(device)).float(), dim=-1))
+    return torch.cat(out)
 
 
 @torch.no_grad()
-def zeroshot_top1(model, images: torch.Tensor, labels: torch.Tensor, prompts: list[str], batch_size: int = 256) -> float:
-    """Top-1 of host `images` [N, 3, H, W] against `labels` [N]: batches go to the model's device,
-    and only the final count comes back."""
-    text = class_text_features(model, prompts)
+def zeroshot_classifier(model, classnames: list[str], templates: list[str]) -> torch.Tensor:
+    """[num_classes, D]: per class, the renormalised mean of its normalised prompt features."""
+    prompts = [template.format(name) for name in classnames for template in templates]
+    per_prompt = text_features(model, prompts).view(len(classnames), len(templates), -1)
+    return F.normalize(per_prompt.mean(dim=1), dim=-1)
+
+
+@torch.no_grad()
+def zeroshot_evaluate(model, dataset: LabelledSet, batch_size: int = 64) -> dict:
+    """{"top1", "top5", "samples"} of `model` on `dataset`, streamed in batches."""
+    classifier = zeroshot_classifier(model, dataset.classnames, dataset.templates)
     parameter = next(model.parameters())
-    correct = torch.zeros((), dtype=torch.long, device=parameter.device)
-    for start in range(0, images.shape[0], batch_size):
-        batch = images[start:start + batch_size].to(parameter.device, parameter.dtype, non_blocking=True)
-        predicted = (model.image_features(batch) @ text.t()).argmax(-1)
-        correct += (predicted == labels[start:start + batch_size].to(parameter.device)).sum()
-    return int(correct.item()) / max(1, images.shape[0])
-
-
-def zeroshot_accuracy(model, cfg: Config, entry: str | None = None) -> float:
-    from lcl_megatron.data.loader import load_zeroshot_set
-
-    images, labels, prompts = load_zeroshot_set(entry or cfg.data.heldout, cfg.model.vision.image_size)
-    return zeroshot_top1(model, images, labels, prompts)
+    k = min(5, classifier.shape[0])
+    hits_sum = torch.zeros(2, dtype=torch.long, device=parameter.device)  # top-1, top-5; read once at the end
+    total = 0
+    for images, labels in dataset.batches(model.cfg.vision.image_size, batch_size):  # host tensors
+        if int(labels.max()) >= classifier.shape[0]:
+            raise ValueError(f"{dataset.location}: label {int(labels.max())} but only {classifier.shape[0]} classes")
+        images = images.to(parameter.device, parameter.dtype, non_blocking=True)
+        ranked = (model.image_features(images) @ classifier.t()).topk(k, dim=-1).indices
+        hits = ranked == labels.to(parameter.device)[:, None]
+        hits_sum += torch.stack([hits[:, 0].sum(), hits.any(dim=-1).sum()])
+        total += labels.shape[0]
+    top1, top5 = hits_sum.tolist()
+    return {"top1": top1 / max(1, total), "top5": top5 / max(1, total), "samples": total}
 
 
 def main(argv=None) -> int:
     from lcl_megatron.config import ConfigError
     from lcl_megatron.eval.common import load_for_eval
 
-    p = argparse.ArgumentParser(prog="lcl eval zeroshot", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="lcl eval zeroshot", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0] + "\n\nSets (see lcl_megatron/eval/datasets.py): embedded:NAME, an image "
+        "folder with one sub-folder per class, or webdataset shards of image + cls with a class-names file.")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
-    p.add_argument("--data", help="held-out set (default: the checkpoint config's data.heldout)")
+    p.add_argument("--data", help="labelled set (default: the checkpoint config's data.heldout)")
+    p.add_argument("--classnames", help="'imagenet' (OpenCLIP's 1,000 names), or a .json list / .txt file "
+                   "(default: classnames.json/.txt in the set, or its sub-folder names)")
+    p.add_argument("--templates", help="'openai_imagenet' (OpenAI's 80, the default for directories) or a .json "
+                   "list of strings with one '{}'")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     args = p.parse_args(argv)
-    cfg, model = load_for_eval(args.checkpoint)  # a damaged or unfinished checkpoint: UserError, exit 2
-    entry = args.data or cfg.data.heldout
-    if not entry:
-        raise ConfigError("no held-out set: pass --data")
-    top1 = zeroshot_accuracy(model, cfg, entry)
-    print(f"zero-shot top-1 on {entry}: {top1:.4f}")
+    try:
+        if args.batch_size < 1:
+            raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+        # a set named on the command line is checked before the model is loaded
+        dataset = LabelledSet.open(args.data, args.classnames, args.templates) if args.data else None
+        cfg, model = load_for_eval(args.checkpoint)
+        entry = args.data or cfg.data.heldout
+        if not entry:
+            raise ConfigError("no held-out set: pass --data")
+        dataset = dataset or LabelledSet.open(entry, args.classnames, args.templates)
+        result = zeroshot_evaluate(model, dataset, args.batch_size)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"lcl eval zeroshot: {e}", file=sys.stderr)
+        return 2
+    print(f"zero-shot on {entry}: top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f} "
+          f"({result['samples']} images, {len(dataset.classnames)} classes x {len(dataset.templates)} templates)")
+    print(json.dumps({"data": entry, "classes": len(dataset.classnames), "templates": len(dataset.templates),
+                      **result}))  # the last line: machine-readable
     return 0

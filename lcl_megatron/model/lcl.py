@@ -82,7 +82,6 @@ class LCLModel(nn.Module):
         self.text = LanguageModel(t, lm_config, checkpoint_layers=checkpoint_lm)
         # Shape [1], not the reference's []: DeepSpeed cannot broadcast 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
-        self.max_logit_scale = cfg.max_logit_scale
         self.loss_weights = {"generation_weight": 1.0, "contrastive_weight": 0.1}
         self.loss_impl = "fused"
         self.to(dtype)
@@ -98,11 +97,14 @@ class LCLModel(nn.Module):
         model.loss_weights = {"generation_weight": cfg.loss.generation_weight,
                               "contrastive_weight": cfg.loss.contrastive_weight}
         model.loss_impl = model.text.lm_head.impl = cfg.loss.impl
+        if cfg.model.init == "reference" and not model.logit_scale.is_meta:
+            from lcl_megatron.model.init import reference_init_
+
+            reference_init_(model, cfg.model)
         return model
 
     def scale(self) -> torch.Tensor:
-        # The recipe caps the temperature at 100; the cap is applied where the scale is used.
-        return self.logit_scale.float().clamp(max=self.max_logit_scale).exp().squeeze(0)
+        return exp_logit_scale(self.logit_scale)
 
     def encode_images(self, images: torch.Tensor):
         """images [N, 3, H, W] -> (latents [N, D], image tokens [N, P, D])."""
@@ -135,6 +137,12 @@ class LCLModel(nn.Module):
         return lcl_losses(latents, hidden, input_ids, attention_mask.bool(), position_ids,
                           context_head=self.text.context_head, lm_head=self.text.lm_head, scale=self.scale(),
                           impl=self.loss_impl, **self.loss_weights)
+
+
+def exp_logit_scale(logit_scale: torch.Tensor) -> torch.Tensor:
+    """The contrastive temperature: exp of the parameter, in fp32. Its cap (ln 100) is kept by
+    clamping the parameter after each optimizer step (training/optim.py), as the reference does."""
+    return logit_scale.float().exp().squeeze(0)
 
 
 def encode_images_always(visual, pool_project, images: torch.Tensor, image_size: int):

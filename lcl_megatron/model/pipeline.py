@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lcl_megatron.model.layers import run_layers
-from lcl_megatron.model.lcl import LCLModel, encode_images_always, lcl_losses
+from lcl_megatron.model.lcl import LCLModel, encode_images_always, exp_logit_scale, lcl_losses
 from lcl_megatron.model.sequence_parallel import gather_from_sequence, scatter_to_sequence
 
 
@@ -71,7 +71,6 @@ class LossStage(nn.Module):
     def __init__(self, model: LCLModel):
         super().__init__()
         self.context_head, self.lm_head, self.logit_scale = model.text.context_head, model.text.lm_head, model.logit_scale
-        self.max_logit_scale = model.max_logit_scale
         self.sequence_parallel = model.text.sequence_parallel
         self.loss_impl, self.loss_weights = model.loss_impl, model.loss_weights
         self.last_metrics: list[torch.Tensor] = []  # per micro-batch (generation, contrastive, logit_scale)
@@ -80,7 +79,7 @@ class LossStage(nn.Module):
         hidden, latents, num_images, input_ids, attention_mask = inputs
         if self.sequence_parallel:
             hidden = gather_from_sequence(hidden)
-        scale = self.logit_scale.float().clamp(max=self.max_logit_scale).exp().squeeze(0)
+        scale = exp_logit_scale(self.logit_scale)
         out = lcl_losses(latents[: int(num_images.item())], hidden.transpose(0, 1), input_ids, attention_mask.bool(),
                          context_head=self.context_head, lm_head=self.lm_head, scale=scale, impl=self.loss_impl,
                          **self.loss_weights)

@@ -271,8 +271,6 @@ def write_consolidated(engine, ckpt_dir: Path, vocab_size: int) -> None:
     """
     from megatron.core import parallel_state
 
-    from lcl_megatron.model.sharding import canonical_shapes, gather_canonical
-
     rank = dist.get_rank()
     if engine.zero_optimization_partition_weights():
         from lcl_megatron.convert.native import model_tensors
@@ -281,19 +279,16 @@ def write_consolidated(engine, ckpt_dir: Path, vocab_size: int) -> None:
         if rank == 0:
             save_model_file(tensors, ckpt_dir / MODEL_FILE)
         return
-    tensors = gather_canonical(engine.module, canonical_shapes(engine.module, vocab_size))
+    tensors = stage_canonical_tensors(engine, vocab_size)
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     if pp == 1:
         if rank == 0:
             save_model_file(tensors, ckpt_dir / MODEL_FILE)
         return
-    from lcl_megatron.model.pipeline import canonical_name
-
     stage = parallel_state.get_pipeline_model_parallel_rank()
     part = ckpt_dir / f"model.stage{stage:03d}.safetensors"
     if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
-        layers = {int(name): module for name, module in engine.module.named_children() if name.isdigit()}
-        save_model_file({canonical_name(k, layers): v for k, v in tensors.items()}, part)
+        save_model_file(tensors, part)
     dist.barrier()
     if rank == 0:
         merged = {}
@@ -302,6 +297,22 @@ def write_consolidated(engine, ckpt_dir: Path, vocab_size: int) -> None:
             merged.update(load_model_file(stage_file))
             stage_file.unlink()
         save_model_file(merged, ckpt_dir / MODEL_FILE)
+
+
+def stage_canonical_tensors(engine, vocab_size: int) -> dict:
+    """Collective over TP: this pipeline stage's (or the whole model's) tensors, unsharded,
+    under their single-process names. Not for ZeRO-3, whose partitions DeepSpeed gathers."""
+    from megatron.core import parallel_state
+
+    from lcl_megatron.model.sharding import canonical_shapes, gather_canonical
+
+    tensors = gather_canonical(engine.module, canonical_shapes(engine.module, vocab_size))
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return tensors
+    from lcl_megatron.model.pipeline import canonical_name
+
+    layers = {int(name): module for name, module in engine.module.named_children() if name.isdigit()}
+    return {canonical_name(k, layers): v for k, v in tensors.items()}
 
 
 def load_checkpoint(engine, ckpt_dir: Path, dp_rank: int) -> tuple[int, dict]:

@@ -90,7 +90,7 @@ def build_engine(cfg: Config, model):
 
     from lcl_megatron.parallel import MegatronMPU, verify_groups_match
     from lcl_megatron.training.checkpoint import SafeCheckpointEngine
-    from lcl_megatron.training.optim import build_optimizer, build_scheduler
+    from lcl_megatron.training.optim import build_optimizer, build_scheduler, clamp_logit_scale_after_each_step
 
     dp_size = parallel_state.get_data_parallel_world_size()
     module = model
@@ -122,6 +122,7 @@ def build_engine(cfg: Config, model):
     engine.checkpoint_engine = SafeCheckpointEngine()
     verify_groups_match(engine)
     record_grad_norm(engine)
+    clamp_logit_scale_after_each_step(engine, cfg.model.max_logit_scale)
     return engine
 
 

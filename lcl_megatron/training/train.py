@@ -9,6 +9,7 @@ The same loop runs one process or thousands: the layout comes from the config
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -16,7 +17,9 @@ import time
 from pathlib import Path
 
 
-from lcl_megatron.config import Config, ConfigError, check_layout, config_from_dict, load_config, world_size_from_env
+from lcl_megatron.config import (Config, ConfigError, check_layout, config_from_dict, load_config, steps_for,
+                                 world_size_from_env)
+from lcl_megatron.data.global_batch import build_loader
 
 
 def parse_args(argv):
@@ -91,26 +94,6 @@ def check_data(cfg: Config) -> None:
             raise ConfigError(f"data.path: {e}") from None
 
 
-def build_loader(cfg: Config, dp_rank: int, dp_size: int):
-    import os
-
-    import torch
-
-    from lcl_megatron.data.global_batch import GlobalBatchSlicer
-    from lcl_megatron.data.loader import build_train_loader, resolve_num_workers
-
-    v = cfg.model.vision
-    by_samples = cfg.data.split == "samples"
-    on_gpu = torch.cuda.is_available()
-    workers = resolve_num_workers(cfg.data.num_workers, on_gpu, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    loader = build_train_loader(cfg.data, image_size=v.image_size, num_image_tokens=v.num_patches,
-                                context_length=cfg.model.text.context_length,
-                                micro_batch_size=cfg.train.micro_batch_size * (dp_size if by_samples else 1),
-                                dp_rank=0 if by_samples else dp_rank, dp_size=1 if by_samples else dp_size,
-                                seed=cfg.train.seed, num_workers=workers, pin_memory=on_gpu)
-    return GlobalBatchSlicer(loader, dp_rank, dp_size) if by_samples else loader
-
-
 def micro_batch_source(loader, engine, reader: bool):
     """This rank's micro-batches (training/batches.py): read, received from its tensor-parallel
     group's reader, or placeholders on pipeline stages after the first."""
@@ -149,6 +132,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     init_distributed(cfg.parallel, timeout_s=cfg.parallel.timeout_s)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     reader = reads_data(parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank())
+    cfg.train.steps = steps_for(cfg.train, dp_size)  # train.samples: the steps follow this world's global batch
     run_dir, ckpt_root = cfg.run_dir, cfg.run_dir / "checkpoints"
     newest = pick_resume_checkpoint(ckpt_root, cfg) if resume else None
     config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -226,10 +210,12 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
                 break
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < stop_at:
                 save(step)
+            if cfg.eval.every and step % cfg.eval.every == 0:
+                evaluate_during_training(model, engine, cfg, log, step)
         # A requeued or chained job that resumes at its end has nothing left to save.
         final = newest if newest is not None and step == resumed_step else save(step)
         if cfg.data.heldout and step == cfg.train.steps:
-            last["zeroshot_top1"] = evaluate_final(model, engine, final, cfg, log, step)
+            last["zeroshot_top1"] = evaluate_final(model, engine, cfg, log, step)
     except torch.OutOfMemoryError:
         snapshot = dump_cuda_memory_snapshot(run_dir / f"oom_snapshot_rank{torch.distributed.get_rank()}.pickle")
         raise TrainingError(f"out of GPU memory at step {step + 1}; the allocations leading there are in {snapshot} "
@@ -332,27 +318,65 @@ def restart_schedule(engine, step: int, cfg: Config) -> None:
     scheduler._last_lr = [lr] * len(scheduler.base_lrs)
 
 
-def evaluate_final(model, engine, final: Path, cfg: Config, log, step: int) -> float:
-    """Zero-shot top-1 of the final weights, on every rank (TP collectives stay in step)."""
-    from lcl_megatron.eval.zeroshot import zeroshot_accuracy
-    from lcl_megatron.model.sharding import load_canonical
-    from lcl_megatron.training.checkpoint import MODEL_FILE, load_model_file
+@contextlib.contextmanager
+def full_model(model, engine, cfg: Config):
+    """The whole plain model on every rank, in eval mode, for the length of the block.
+
+    ZeRO-3 gathers every partition (the full weights in memory while it lasts);
+    under pipeline parallelism each stage holds only its layers, so every rank
+    receives the other stages' weights into its copy of the plain model (which the
+    stages share their own modules with). TP shards stay sharded: every rank runs
+    the evaluation and the TP collectives stay in step.
+    """
+    import torch.distributed as dist
 
     if engine.zero_optimization_partition_weights():
         import deepspeed
 
-        # ZeRO-3 leaves each rank a slice of every parameter: gather the whole model for the passes.
-        with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            model.eval()
-            top1 = zeroshot_accuracy(model, cfg)
+        gathered = deepspeed.zero.GatheredParameters(list(model.parameters()))
     else:
+        gathered = contextlib.nullcontext()
         if engine.module is not model:
-            # Pipeline stages hold only parts (a stage's other modules never left the host):
-            # reload the full consolidated weights, all on the training device.
-            load_canonical(model, load_model_file(final / MODEL_FILE))
-            model.to(engine.device)
+            from megatron.core import parallel_state
+
+            from lcl_megatron.model.sharding import load_canonical
+            from lcl_megatron.training.checkpoint import stage_canonical_tensors
+
+            tensors = stage_canonical_tensors(engine, cfg.model.text.vocab_size)
+            first_of_stage = parallel_state.get_data_parallel_rank() == 0 \
+                and parallel_state.get_tensor_model_parallel_rank() == 0
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, {k: v.cpu() for k, v in tensors.items()} if first_of_stage else {})
+            load_canonical(model, {k: v for part in parts for k, v in part.items()})
+            model.to(engine.device)  # the other stages' modules never left the host
+    with gathered:
         model.eval()
-        top1 = zeroshot_accuracy(model, cfg)
+        try:
+            yield model
+        finally:
+            engine.train()
+
+
+def evaluate_during_training(model, engine, cfg: Config, log, step: int) -> dict:
+    """The `eval` section's evaluations at `step`, logged to metrics.jsonl and TensorBoard."""
+    from lcl_megatron.eval.suite import evaluate_all
+    from lcl_megatron.parallel import is_main_process
+
+    with full_model(model, engine, cfg):
+        results = evaluate_all(model, cfg)
+    log.log_eval(step, results)
+    if is_main_process():
+        print(f"lcl train: step {step} eval " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()), file=sys.stderr)
+    return results
+
+
+def evaluate_final(model, engine, cfg: Config, log, step: int) -> float:
+    """Zero-shot top-1 of the final weights on the held-out set, on every rank (TP collectives stay in step)."""
+    from lcl_megatron.eval.datasets import LabelledSet
+    from lcl_megatron.eval.zeroshot import zeroshot_evaluate
+
+    with full_model(model, engine, cfg):
+        top1 = zeroshot_evaluate(model, LabelledSet.open(cfg.data.heldout), cfg.eval.batch_size)["top1"]
     log.log_eval(step, {"zeroshot_top1": top1})
     log.message(f"zero-shot top-1 on {cfg.data.heldout} (held out): {top1:.4f}")
     return top1
