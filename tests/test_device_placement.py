@@ -133,16 +133,15 @@ def test_pipeline_step_runs_on_the_device(groups):
     assert 0 < metrics["loss"] < 100 and metrics["tokens"] > 0
 
 
-def test_zeroshot_evaluation_runs_on_the_device(groups):
-    from lcl_megatron.eval.zeroshot import zeroshot_top1
+def test_evaluation_runs_on_the_device(groups):
+    from lcl_megatron.eval.datasets import LabelledSet
+    from lcl_megatron.eval.zeroshot import zeroshot_evaluate
 
     cfg = tiny_config()
-    images = torch.randn(6, 3, cfg.model.vision.image_size, cfg.model.vision.image_size)
-    labels = torch.tensor([0, 1, 2, 0, 1, 2])
     with FakeDevice():
         model = _model_on_device(cfg).eval()
-        top1 = zeroshot_top1(model, images, labels, ["a photo of a zero", "a photo of a one", "a photo of a two"])
-    assert 0.0 <= top1 <= 1.0
+        result = zeroshot_evaluate(model, LabelledSet.open("embedded:digits"), batch_size=128)
+    assert 0.0 <= result["top1"] <= result["top5"] <= 1.0 and result["samples"] > 0
 
 
 def test_every_loss_count_stays_on_the_device(groups):

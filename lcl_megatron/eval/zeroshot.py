@@ -60,7 +60,7 @@ def zeroshot_evaluate(model, dataset: LabelledSet, batch_size: int = 64) -> dict
         hits = ranked == labels.to(parameter.device)[:, None]
         hits_sum += torch.stack([hits[:, 0].sum(), hits.any(dim=-1).sum()])
         total += labels.shape[0]
-    top1, top5 = hits_sum.tolist()
+    top1, top5 = hits_sum.cpu().tolist()
     return {"top1": top1 / max(1, total), "top5": top5 / max(1, total), "samples": total}
 
 
