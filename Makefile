@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast docs clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q tests -m "not slow"
+
+# docs/config.md is generated from the schema's field descriptions in lcl_megatron/config.py.
+docs: setup
+	$(PY) -m lcl_megatron.cli config keys --markdown > docs/config.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -29,12 +29,41 @@ COMMANDS = {
     ("prepare", "obelics"): "lcl_megatron.data.prepare:obelics_main",
     ("launch", "slurm"): "launchers.slurm:main",
     ("launch", "local"): "launchers.local:main",
+    ("config", "show"): "lcl_megatron.config_docs:show_main",
+    ("config", "keys"): "lcl_megatron.config_docs:keys_main",
+}
+
+# The one line `lcl --help` shows for each command (every entry of COMMANDS has one);
+# each command's own `--help` explains it in full, with an example.
+SUMMARIES = {
+    ("train",): "train a model (one process, or under torchrun / Slurm); --resume continues a run",
+    ("eval", "zeroshot"): "zero-shot top-1 of a checkpoint with the reference's recipe",
+    ("eval", "loss"): "the losses of one saved batch under a checkpoint, as one JSON line",
+    ("convert", "from-openclip"): "import a reference (OpenCLIP-format) checkpoint",
+    ("convert", "to-openclip"): "export a checkpoint in the reference's OpenCLIP format",
+    ("convert", "to-hf"): "export the vision encoder as a Hugging Face CLIPVisionModel",
+    ("convert", "reshard"): "rewrite a checkpoint's training state for another parallel layout",
+    ("convert", "inspect"): "what a checkpoint holds, with every file's checksum verified",
+    ("plan",): "per-GPU memory, FLOPs and communication of a config's parallel layout",
+    ("bench", "kernels"): "benchmark the fused loss kernels against eager torch",
+    ("bench", "data"): "benchmark the data pipeline (token utilisation, documents/s)",
+    ("prepare", "mmc4"): "convert MMC4 documents and images into training shards",
+    ("prepare", "obelics"): "convert OBELICS parquet documents into training shards",
+    ("launch", "slurm"): "submit a training run to Slurm (checkpoints, requeues and resumes itself)",
+    ("launch", "local"): "train on this machine with N processes under torchrun, restarting failed ranks",
+    ("config", "show"): "the resolved config as YAML, defaults marked",
+    ("config", "keys"): "every config key with its type, default and meaning",
 }
 
 
-def _usage() -> str:
-    lines = ["usage: lcl COMMAND [ARGS...]", "", "commands:"]
-    lines += ["  " + " ".join(words) for words in COMMANDS]
+def _usage(group: str | None = None) -> str:
+    """The command list; `group` (e.g. "convert") keeps that group's commands only."""
+    names = {words: " ".join(words) for words in COMMANDS if group is None or words[0] == group}
+    width = max(map(len, names.values()))
+    lines = ["usage: lcl COMMAND [ARGS...]", "", "Latent Compression Learning at scale: train, evaluate, convert, launch.",
+             "", "commands:"]
+    lines += [f"  {names[words]:<{width}}  {SUMMARIES.get(words, '')}".rstrip() for words in names]
+    lines += ["", "`lcl COMMAND --help` explains a command, with an example; docs/ explains the rest."]
     return "\n".join(lines)
 
 
@@ -51,8 +80,10 @@ def main(argv=None) -> int:
                     return 2
                 raise
             return int(getattr(module, func_name)(argv[len(words):]) or 0)
-    print(_usage(), file=sys.stderr)
-    return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    asked = bool(argv) and argv[-1] in ("-h", "--help")
+    group = argv[0] if len(argv) == 2 and any(words[0] == argv[0] for words in COMMANDS) else None
+    print(_usage(group if asked else None), file=sys.stdout if asked else sys.stderr)
+    return 0 if asked and (len(argv) == 1 or group) else 2
 
 
 if __name__ == "__main__":
