@@ -210,7 +210,8 @@ def export(ckpt: Path, out: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="lcl convert to-hf", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="lcl convert to-hf", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  lcl convert to-hf --checkpoint runs/demo --out exports/demo-hf")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
     args = p.parse_args(argv)

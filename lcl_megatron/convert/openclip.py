@@ -200,8 +200,24 @@ def read_openclip_checkpoint(path: Path) -> dict:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
+# Each command's --help: what it does, and an example.
+_HELP = {
+    "lcl convert from-openclip": (
+        "Import a reference (OpenCLIP-format) LCL checkpoint as a checkpoint of ours, which lcl eval, "
+        "lcl convert and lcl train --init-from read.",
+        "lcl convert from-openclip --checkpoint exports/demo_openclip.pt --model-config exports/demo_openclip.json "
+        "--out ckpt/demo_imported"),
+    "lcl convert to-openclip": (
+        "Export a checkpoint (or a run's newest) in the reference's OpenCLIP format: one torch state-dict file.",
+        "lcl convert to-openclip --checkpoint runs/demo --out exports/demo_openclip.pt "
+        "--model-config-out exports/demo_openclip.json"),
+}
+
+
 def _parse(prog: str, argv, *specs):
-    p = argparse.ArgumentParser(prog=prog)
+    description, example = _HELP[prog]
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=f"example:\n  {example}",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for flag, kwargs in specs:
         p.add_argument(flag, **kwargs)
     return p.parse_args(argv)

@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     from lcl_megatron.convert.native import CheckpointMismatch
     from lcl_megatron.eval.common import load_for_eval
 
-    p = argparse.ArgumentParser(prog="lcl eval zeroshot", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="lcl eval zeroshot", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  lcl eval zeroshot --checkpoint runs/demo --data embedded:digits")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     p.add_argument("--data", help="held-out set (default: the checkpoint config's data.heldout)")
     args = p.parse_args(argv)
