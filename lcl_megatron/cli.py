@@ -5,13 +5,20 @@ subcommands stay independent and importing one never pays for the others.
 """
 
 import importlib
+import os
 import sys
 import warnings
 
-# megatron-core warns at import that optional GPU extensions are absent; on CPU that is expected.
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-warnings.filterwarnings("ignore", message=".*(APEX|Apex|apex).*not (installed|found|available).*")
-warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+# Warnings raised inside megatron-core and DeepSpeed that a user can do nothing about: optional
+# extensions a CPU or partial install lacks, and torch's renamed collectives (DeepSpeed calls the old
+# names every step). `lcl --verbose` (or LCL_VERBOSE=1, which torchrun's workers inherit) shows them.
+EXPECTED_WARNINGS = (
+    ".*Transformer Engine and Apex are not installed.*",  # megatron-core, at import
+    ".*(APEX|Apex|apex).*not (installed|found|available).*",
+    ".*full scope is deprecated.*",
+    ".*torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor). is deprecated.*",
+)
+VERBOSE_ENV = "LCL_VERBOSE"
 
 COMMANDS = {
     ("train",): "lcl_megatron.training.train:main",
@@ -60,18 +67,36 @@ def _usage(group: str | None = None) -> str:
     """The command list; `group` (e.g. "convert") keeps that group's commands only."""
     names = {words: " ".join(words) for words in COMMANDS if group is None or words[0] == group}
     width = max(map(len, names.values()))
-    lines = ["usage: lcl COMMAND [ARGS...]", "", "Latent Compression Learning at scale: train, evaluate, convert, launch.",
+    lines = ["usage: lcl [--verbose] COMMAND [ARGS...]", "", "Latent Compression Learning at scale: train, evaluate, convert, launch.",
              "", "commands:"]
     lines += [f"  {names[words]:<{width}}  {SUMMARIES.get(words, '')}".rstrip() for words in names]
-    lines += ["", "`lcl COMMAND --help` explains a command, with an example; docs/ explains the rest."]
+    lines += ["", "`lcl COMMAND --help` explains a command, with an example; docs/ explains the rest.",
+              "--verbose (or LCL_VERBOSE=1) also shows megatron-core's and DeepSpeed's warnings about optional "
+              "components and deprecated calls."]
     return "\n".join(lines)
+
+
+def _quiet_expected_noise() -> None:
+    for pattern in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        # DeepSpeed warns at every start that it "was unable to detect" a GPU when there is none; tell it.
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--verbose"]:
+        argv = argv[1:]
+        os.environ[VERBOSE_ENV] = "1"
     for words, target in sorted(COMMANDS.items(), key=lambda kv: -len(kv[0])):
         if tuple(argv[: len(words)]) == words:
             module_name, func_name = target.split(":")
+            if os.environ.get(VERBOSE_ENV) != "1" and words[0] != "config":
+                _quiet_expected_noise()
             try:
                 module = importlib.import_module(module_name)
             except ModuleNotFoundError as e:
