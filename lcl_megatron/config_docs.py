@@ -19,6 +19,7 @@ import inspect
 import sys
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 import yaml
 
@@ -178,7 +179,7 @@ def show_main(argv: list[str]) -> int:
         validate_config(cfg, check_data=False)
         given = _set_keys(parse_overrides(args.overrides))
         if args.config:
-            given |= _set_keys(yaml.safe_load(open(args.config)) or {})
+            given |= _set_keys(yaml.safe_load(Path(args.config).read_text()) or {})
     except ConfigError as e:
         print(f"lcl config show: {e}", file=sys.stderr)
         return 2

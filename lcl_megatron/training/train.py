@@ -22,7 +22,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="lcl train", description="Train an LCL model; writes run.dir (config, metrics.jsonl, checkpoints, tensorboard).", formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  lcl train --config configs/demo.yaml train.steps=50 run.dir=runs/try\n  torchrun --nproc-per-node 2 -m lcl_megatron.cli train --config configs/demo.yaml --resume")
-    p.add_argument("--config", help="YAML config (defaults apply to keys it omits)")
+    p.add_argument("--config", help="YAML config (defaults apply to keys it omits: `lcl config show` lists them)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of run.dir")
     p.add_argument("--init-from", help="start from the weights of this checkpoint (not its optimizer state)")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
