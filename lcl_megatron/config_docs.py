@@ -139,6 +139,22 @@ def _set_keys(tree: dict, prefix: str = "") -> set[str]:
     return keys
 
 
+def given_keys(config_path: str | None, overrides: list[str]) -> set[str]:
+    """Dotted keys the config file and the overrides set (sections included); the rest are defaults."""
+    given = _set_keys(parse_overrides(list(overrides)))
+    if config_path:
+        given |= _set_keys(yaml.safe_load(Path(config_path).read_text()) or {})
+    return given
+
+
+def default_model_warning(given: set[str]) -> str | None:
+    """A warning when no model key is set: an empty or model-less config silently means the large default."""
+    if any(k.startswith("model.") for k in given):
+        return None
+    return ("no model.* key is set, so this is the large default model (ViT-B/32, 512-wide 12-layer LM); "
+            "`lcl plan` sizes it, configs/demo.yaml is the small one")
+
+
 def render_resolved(cfg: Config, given: set[str]) -> str:
     """The config as YAML, each key not in `given` marked `# default`; it loads back to `cfg`."""
     lines = []
@@ -177,14 +193,12 @@ def show_main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.config, args.overrides, validate=False)
         validate_config(cfg, check_data=False)
-        given = _set_keys(parse_overrides(args.overrides))
-        if args.config:
-            given |= _set_keys(yaml.safe_load(Path(args.config).read_text()) or {})
+        given = given_keys(args.config, args.overrides)
     except ConfigError as e:
         print(f"lcl config show: {e}", file=sys.stderr)
         return 2
-    if not any(k.startswith("model.") for k in given):
-        print("lcl config show: no model.* key is set, so this is the large default model "
-              "(ViT-B/32, 512-wide 12-layer LM); `lcl plan` sizes it", file=sys.stderr)
+    warning = default_model_warning(given)
+    if warning:
+        print(f"lcl config show: {warning}", file=sys.stderr)
     sys.stdout.write(render_resolved(cfg, given))
     return 0

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 
 from lcl_megatron.config import Config, ConfigError, check_layout, load_config, world_size_from_env
+from lcl_megatron.config_docs import default_model_warning, given_keys
 
 
 def parse_args(argv):
@@ -34,6 +36,9 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_layout(cfg.parallel, world_size_from_env())
+        warning = default_model_warning(given_keys(args.config, args.overrides))
+        if warning and os.environ.get("RANK", "0") == "0":  # once per job, before the process group exists
+            print(f"lcl train: {warning}", file=sys.stderr)
         init_from = None
         if args.init_from:
             from lcl_megatron.training.checkpoint import resolve_checkpoint
