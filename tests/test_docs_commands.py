@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,7 @@ def test_skipped_commands_are_in_the_docs():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # some 30 commands, a few CPU-seconds each, but slow on a busy machine
 def test_every_documented_command_works(tmp_path):
     _scratch_checkout(tmp_path)
     inherited = {k: v for k, v in os.environ.items()
@@ -125,10 +127,12 @@ def test_every_documented_command_works(tmp_path):
         for command in doc_commands(doc):
             if _normalise(command) in SKIPPED:
                 continue
+            start = time.perf_counter()
             proc = subprocess.run(["bash", "-c", prelude + as_run(command)], cwd=tmp_path, env=env,
                                   capture_output=True, text=True, timeout=900)
             ran += 1
             where = f"{doc.relative_to(REPO)}: {command}"
+            print(f"{time.perf_counter() - start:6.1f} s  exit {proc.returncode}  {where.splitlines()[0]}")
             if proc.returncode != 0:
                 failures.append(f"{where}\n  exit {proc.returncode}: {proc.stderr.strip()[-2000:]}")
             elif any(noise in proc.stderr for noise in NOISE):
