@@ -92,8 +92,6 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # Shard directories or globs, each optionally followed by ":WEIGHT" for mixing;
-    # "embedded:digits" is the built-in corpus, built at first use.
     path: list = field(default_factory=lambda: ["embedded:digits"])
     """training shard directories or globs, each optionally followed by :WEIGHT for mixing; embedded:digits is the built-in corpus, built at first use"""
     heldout: str = "embedded:digits"
@@ -216,6 +214,9 @@ class RunConfig:
 
 @dataclass
 class Config:
+    """Every setting of a run. The string under each field is its one-line meaning: `lcl config keys`
+    and docs/config.md are generated from them (lcl_megatron/config_docs.py)."""
+
     run: RunConfig = field(default_factory=RunConfig)
     """run name and directory"""
     model: ModelConfig = field(default_factory=ModelConfig)
