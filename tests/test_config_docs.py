@@ -96,3 +96,13 @@ def test_every_command_help_has_a_description_and_an_example(words, capsys):
     assert rest.strip() and not rest.lstrip().startswith(("options:", "positional arguments:"))  # a description
     example = text.split("example:\n", 1)[1]
     assert f"lcl {' '.join(words)}" in example or f"lcl_megatron.cli {' '.join(words)}" in example
+
+
+@pytest.mark.slow
+def test_verbose_shows_what_a_quiet_run_hides():
+    args = ("plan", "--config", "configs/demo.yaml", "--nodes", "1", "--gpus-per-node", "1")
+    quiet, verbose = _lcl(*args), _lcl("--verbose", *args)
+    assert quiet.returncode == verbose.returncode == 0
+    assert quiet.stderr == ""
+    assert "Transformer Engine" in verbose.stderr  # megatron-core's note on a CPU install
+    assert quiet.stdout == verbose.stdout
