@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast clean wheelhouse gpu-check
+.PHONY: setup demo test test-fast docs clean wheelhouse gpu-check
 
 setup: $(STAMP)
 
@@ -51,6 +51,10 @@ wheelhouse: setup
 GPU_PYTHON ?= python3
 gpu-check:
 	$(GPU_PYTHON) -m lcl_megatron.bench.gpu_check --wheelhouse $(WHEELHOUSE)
+
+# docs/config.md is generated from the schema's field descriptions in lcl_megatron/config.py.
+docs: setup
+	$(PY) -m lcl_megatron.cli config keys --markdown > docs/config.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .gpu-site

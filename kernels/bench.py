@@ -341,7 +341,8 @@ def render_section(table: str, target_lines: list[str], quick: bool) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lcl bench kernels", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lcl bench kernels", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="example:\n  lcl bench kernels --quick\n  lcl bench kernels  # full run, writes BENCHMARKS.md")
     parser.add_argument("--quick", action="store_true", help="small shapes; print only unless --output is given")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 3 quick, 2 full)")
     parser.add_argument("--output", type=Path, default=None,

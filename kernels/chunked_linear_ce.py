@@ -29,6 +29,7 @@ import functools
 import torch
 import torch.distributed as dist
 
+from kernels.collectives import all_gather_into
 from kernels.cross_entropy_rows import row_softmax
 
 # Bytes of one chunk of logits by default: large chunks keep the fp32 weight-gradient
@@ -94,7 +95,7 @@ def _merge_over_ranks(row_max, sumexp, target_logit, group):
     stats = torch.stack([row_max, sumexp, target_logit])
     world = dist.get_world_size(group)
     gathered = stats.new_empty(world * 3, stats.shape[1])  # flat along dim 0, as gloo requires
-    dist.all_gather_into_tensor(gathered, stats, group=group)
+    all_gather_into(gathered, stats, group=group)
     gathered = gathered.view(world, 3, -1)
     global_max = gathered[:, 0].amax(0)
     global_sumexp = (gathered[:, 1] * torch.exp(gathered[:, 0] - global_max)).sum(0)

@@ -16,7 +16,9 @@ import sys
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="lcl launch local", description="Train on this machine under torchrun.")
+    p = argparse.ArgumentParser(
+        prog="lcl launch local", description="Train on this machine with N processes under torchrun (lcl train --resume, restarting failed ranks).", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  lcl launch local --config configs/demo.yaml --nproc 2 --dry-run train.steps=20")
     p.add_argument("--config", required=True, help="YAML config of the run")
     p.add_argument("--nproc", type=int, required=True, help="processes (GPUs) on this machine")
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a failed rank")

@@ -27,7 +27,9 @@ from launchers.sbatch import JobSpec, ScriptError, render
 CPUS_PER_GPU = 8
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="lcl launch slurm", description="Submit a training run to Slurm.")
+    p = argparse.ArgumentParser(
+        prog="lcl launch slurm", description="Submit a training run to Slurm (see docs/slurm.md).", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  lcl launch slurm --config configs/lcl_vit_b16_laion.yaml --nodes 8 --gpus-per-node 8 --partition gpu \\\n      --time 2-00:00:00 --dry-run data.path=/data/laion400m run.dir=/scratch/$USER/runs/b16")
     p.add_argument("--config", required=True, help="YAML config of the run")
     p.add_argument("--nodes", type=int, required=True, help="nodes to allocate")
     p.add_argument("--gpus-per-node", type=int, required=True,

@@ -29,11 +29,17 @@ class ConfigError(UserError, ValueError):
 @dataclass
 class VisionConfig:
     image_size: int = 224
+    """input image side in pixels (images are cropped and resized to it)"""
     patch_size: int = 32
+    """ViT patch side in pixels; (image_size / patch_size)^2 patches, one LM token each"""
     width: int = 768
+    """ViT hidden size"""
     layers: int = 12
+    """ViT transformer layers"""
     head_width: int = 64
+    """ViT attention head size; heads = width / head_width"""
     mlp_ratio: float = 4.0
+    """ViT MLP hidden size as a multiple of width"""
 
     @property
     def heads(self) -> int:
@@ -50,147 +56,221 @@ class TextConfig:
     `arch: llama` swaps in RMSNorm, SwiGLU, rotary positions and grouped-query attention."""
 
     arch: str = "clip"
+    """LM architecture: clip (the reference's decoder) or llama (RMSNorm, SwiGLU, rotary, grouped-query attention)"""
     context_length: int = 128
+    """tokens per training row, image tokens included"""
     vocab_size: int = tokens.VOCAB_SIZE
+    """LM vocabulary: the CLIP BPE plus the image tokens, at least the built-in minimum"""
     width: int = 512
+    """LM hidden size; must equal model.embed_dim"""
     heads: int = 8
+    """LM attention heads"""
     layers: int = 12
+    """LM transformer layers"""
     mlp_ratio: float = 4.0
+    """LM MLP hidden size as a multiple of width"""
     # llama only
-    num_query_groups: int = 0  # 0: same as heads (multi-head attention)
-    ffn_hidden_size: int = 0  # 0: derived from mlp_ratio
+    num_query_groups: int = 0
+    """llama only: key/value head groups; 0: same as heads (multi-head attention)"""
+    ffn_hidden_size: int = 0
+    """llama only: SwiGLU hidden size; 0: derived from mlp_ratio"""
     rotary_base: float = 10000.0
+    """llama only: rotary position embedding base"""
 
 
 @dataclass
 class ModelConfig:
-    embed_dim: int = 512  # D: the LM width and the latent size
+    embed_dim: int = 512
+    """D: the LM width and the size of each image latent"""
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     pool_heads: int = 8
+    """attention heads of the pool-project that turns ViT patches into the latent"""
     init_logit_scale: float = math.log(1 / 0.07)
+    """initial contrastive temperature, as log(1/T) (learned)"""
     max_logit_scale: float = math.log(100)
-    # reference: the reference's init per tensor family (PyTorch defaults in the ViT, OpenCLIP's
-    # text tower, nn.Linear's LM head; model/init.py); openclip_text: OpenCLIP's text-tower init
-    # (std width^-0.5, output projections (2 layers)^-0.5, zero biases) in both towers and the head.
+    """cap on the learned logit scale, as a log: the parameter is clamped to [0, max_logit_scale] after every step"""
     init: str = "reference"
+    """reference: the reference's init per tensor family (PyTorch defaults in the ViT, OpenCLIP's text tower, nn.Linear's LM head); openclip_text: OpenCLIP's text-tower init (std width^-0.5, output projections (2 layers)^-0.5, zero biases) in both towers and the head"""
 
 
 @dataclass
 class DataConfig:
-    # Shard directories or globs, each optionally followed by ":WEIGHT" for mixing;
-    # "embedded:digits" is the built-in corpus, built at first use.
     path: list = field(default_factory=lambda: ["embedded:digits"])
-    heldout: str = "embedded:digits"  # zero-shot split; "" disables zero-shot eval
-    num_workers: int = -1  # loader processes per training process; -1: 0 on CPU-only machines, up to 4 with GPUs
-    split: str = "shards"  # shards: each DP rank reads its own shards; samples: all read, each keeps its rows
-    shuffle_buffer: int = 5000  # samples mixed at random per stream, the reference's size for pairs
-    interleave_shards: int = 8  # shards each stream reads at once, a sample from each in turn
-    # Training images: the reference's random resized crop (area fraction in [crop_scale_min, 1],
-    # aspect 3/4..4/3, bicubic); false: the evaluation transform (resize + centre crop).
+    """training shard directories or globs, each optionally followed by :WEIGHT for mixing; embedded:digits is the built-in corpus, built at first use"""
+    heldout: str = "embedded:digits"
+    """zero-shot evaluation data; "" disables zero-shot eval"""
+    num_workers: int = -1
+    """data-loader worker processes per reading rank; -1: automatic (0 on CPU-only machines, up to 4 per GPU process)"""
+    split: str = "shards"
+    """shards: each data-parallel rank reads its own shards; samples: all read everything, each keeps its rows (global batch independent of the layout)"""
+    shuffle_buffer: int = 5000
+    """samples held in each stream's shuffle buffer (the reference's size for pairs)"""
+    interleave_shards: int = 8
+    """shards each stream reads at once, a sample from each in turn"""
     augment: bool = True
+    """training images: the reference's random resized crop (area fraction in [crop_scale_min, 1], aspect 3/4..4/3, bicubic); false: the evaluation transform (resize + centre crop)"""
     crop_scale_min: float = 0.9
-    img_first_prob: float = 0.5  # pairs: image before caption with this probability
-    min_similarity: float = 0.24  # MMC4: drop images matched below this
-    max_images: int = 6  # MMC4: images kept per document
-    packing: bool = False  # several samples per row, attention confined to each (batches gain position_ids, cu_seqlens)
-    pack_open_rows: int = 8  # packing: rows filled at a time (first fit); more rows, fuller rows
+    """smallest area fraction of the random resized crop"""
+    img_first_prob: float = 0.5
+    """image-text pairs: probability the image comes before its caption"""
+    min_similarity: float = 0.24
+    """MMC4: drop images matched to their text below this CLIP similarity"""
+    max_images: int = 6
+    """MMC4: images kept per document"""
+    packing: bool = False
+    """put several samples in one row, attention confined to each (batches gain position_ids, cu_seqlens)"""
+    pack_open_rows: int = 8
+    """packing: rows filled at a time (first fit); more rows give fuller rows"""
 
 
 @dataclass
 class LossConfig:
     generation_weight: float = 1.0
+    """weight of the next-token generation loss"""
     contrastive_weight: float = 0.1
-    impl: str = "fused"  # "fused" (kernels/: chunked, never all logits at once) or "torch" (plain)
+    """weight of the contrastive loss between each image latent and the LM output before it"""
+    impl: str = "fused"
+    """fused (kernels/: chunked, never all logits at once) or torch (plain)"""
 
 
 @dataclass
 class OptimConfig:
     lr: float = 5e-4
+    """peak learning rate (AdamW)"""
     beta1: float = 0.9
+    """AdamW beta1"""
     beta2: float = 0.98
+    """AdamW beta2"""
     eps: float = 1e-6
+    """AdamW epsilon"""
     weight_decay: float = 0.2
-    grad_clip: float = 0.0  # global-norm clipping; 0 disables
+    """AdamW weight decay (not applied to 1-D parameters such as biases and norm gains, nor to the logit scale)"""
+    grad_clip: float = 0.0
+    """global gradient-norm clipping; 0 disables"""
 
 
 @dataclass
 class ScheduleConfig:
     warmup_steps: int = 2000
+    """linear warmup steps, then cosine decay to min_lr at train.steps"""
     min_lr: float = 0.0
+    """learning rate at the end of the cosine decay"""
 
 
 @dataclass
 class TrainConfig:
     steps: int = 1000
-    # Samples to train on; > 0 overrides train.steps with the steps that see this many samples at
-    # the run's global batch (micro_batch_size x grad_accumulation x data-parallel size), as the
-    # reference derives its steps (and so its cosine) from epochs x batches per epoch.
+    """optimizer steps of the whole run (train.samples, when set, decides instead)"""
     samples: int = 0
+    """samples to train on; > 0 overrides train.steps with the steps that see this many samples at the run's global batch, as the reference derives its steps from epochs x batches per epoch"""
     seed: int = 0
+    """seed of weights, data order and augmentation"""
     micro_batch_size: int = 8
+    """rows per data-parallel rank per micro-step"""
     grad_accumulation: int = 1
-    precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 master weights and loss)
-    tf32: bool = True  # on GPUs, fp32 matmuls and convolutions on tensor cores (TF32), as Megatron-LM does
-    profile_steps: str = ""  # START:END: a torch.profiler trace of these steps into RUN_DIR/profile/
-    exit_interval: int = 0  # stop with a checkpoint after this many steps in this process (0: run to train.steps)
+    """micro-steps per optimizer step; global batch = micro_batch_size x grad_accumulation x data-parallel size"""
+    precision: str = "fp32"
+    """fp32, or bf16 (bf16 compute; fp32 master weights, gradient accumulation and reduction)"""
+    tf32: bool = True
+    """on GPUs, fp32 matmuls and convolutions on tensor cores (TF32), as Megatron-LM does; false for bit-level comparisons"""
+    profile_steps: str = ""
+    """START:END: a torch.profiler trace of these steps (1-based, inclusive) into <run>/profile/"""
+    exit_interval: int = 0
+    """stop with a checkpoint after this many steps in this process; 0: run to train.steps"""
 
 
 @dataclass
 class ParallelConfig:
     tp: int = 1
+    """tensor-parallel size (megatron-core column/row-parallel layers)"""
     pp: int = 1
+    """pipeline stages (DeepSpeed pipeline engine; ViT and embedding on the first)"""
     sp: bool = False
+    """sequence parallelism between layers (needs tp > 1)"""
     zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (0-1 with pp > 1)"""
     activation_checkpointing_vit: bool = False
+    """recompute ViT layers in backward to save memory"""
     activation_checkpointing_lm: bool = False
-    pp_first_stage_layers: int = -1  # LM layers on the first pipeline stage (it also holds the ViT); -1: even split
-    max_images: int = 0  # images per micro-batch the pipeline's static shapes allow; 0: micro_batch_size x data.max_images
-    timeout_s: float = 600.0  # collective timeout: a dead or hung rank ends the job after this long
+    """recompute LM layers in backward to save memory"""
+    pp_first_stage_layers: int = -1
+    """LM layers on the first pipeline stage (it also holds the ViT); -1: even split"""
+    max_images: int = 0
+    """images per micro-batch the pipeline's static shapes allow; 0: micro_batch_size x data.max_images"""
+    timeout_s: float = 600.0
+    """collective timeout in seconds: a dead or hung rank ends the job after this long"""
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # steps between checkpoints; 0: only at the end
-    keep: int = 3  # newest complete checkpoints kept
+    every: int = 0
+    """steps between checkpoints; 0: only at the end"""
+    keep: int = 3
+    """newest complete checkpoints kept"""
 
 
 @dataclass
 class LoggingConfig:
     every: int = 10
+    """steps between rows of metrics.jsonl and TensorBoard points"""
     tensorboard: bool = True
+    """also write TensorBoard events to <run>/tensorboard"""
     progress: bool = True
-    wandb: bool = False  # also log to Weights & Biases (needs the wandb package; WANDB_MODE=offline works without network)
+    """show progress on stderr: a bar in a terminal, one line per logged step in a log file"""
+    wandb: bool = False
+    """also log to Weights & Biases (needs the wandb package; WANDB_MODE=offline works without network)"""
     wandb_project: str = "lcl-megatron"
+    """the W&B project of the run"""
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # steps between evaluations during training (0: none; data.heldout still gets the final zero-shot)
-    zeroshot: list = field(default_factory=list)  # labelled sets: embedded:NAME, image folders, shards + class names
-    retrieval: list = field(default_factory=list)  # image-text sets: embedded:NAME, shards of image + txt, captions.tsv
-    batch_size: int = 64  # images per forward pass
+    every: int = 0
+    """steps between evaluations during training (0: none; data.heldout still gets the final zero-shot)"""
+    zeroshot: list = field(default_factory=list)
+    """labelled sets for zero-shot: embedded:NAME, image folders, shards + class names"""
+    retrieval: list = field(default_factory=list)
+    """image-text sets for retrieval: embedded:NAME, shards of image + txt, captions.tsv"""
+    batch_size: int = 64
+    """images per forward pass of an evaluation"""
 
 
 @dataclass
 class RunConfig:
     name: str = "lcl"
-    dir: str = ""  # default: runs/<name>
+    """run name: the default run directory is runs/<name>, and the Slurm job name"""
+    dir: str = ""
+    """run directory (config, metrics, checkpoints, logs); "": runs/<run.name>"""
 
 
 @dataclass
 class Config:
+    """Every setting of a run. The string under each field is its one-line meaning: `lcl config keys`
+    and docs/config.md are generated from them (lcl_megatron/config_docs.py)."""
+
     run: RunConfig = field(default_factory=RunConfig)
+    """run name and directory"""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """model architecture"""
     data: DataConfig = field(default_factory=DataConfig)
+    """training and evaluation data"""
     loss: LossConfig = field(default_factory=LossConfig)
+    """loss weights and implementation"""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """optimizer"""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """learning-rate schedule"""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """steps, batch and precision"""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """parallel layout"""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """checkpointing"""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """metrics and progress output"""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """evaluations during training"""
 
     @property
     def run_dir(self) -> Path:

@@ -16,6 +16,8 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
+from kernels.collectives import all_gather_rows, reduce_scatter_rows
+
 
 def _kernel_impl(tensor) -> str | None:
     """Triton on GPUs; the chunked torch path on CPU (even when tests interpret Triton)."""
@@ -33,17 +35,11 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        world = dist.get_world_size(group)
-        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-        return out
+        return all_gather_rows(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        world = dist.get_world_size(ctx.group)
-        out = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
-        return out, None
+        return reduce_scatter_rows(grad, ctx.group), None
 
 
 def _all_reduce_sum(value: torch.Tensor, group) -> torch.Tensor:

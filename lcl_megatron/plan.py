@@ -525,7 +525,8 @@ def format_plan(plan: Plan, cfg: Config, source: str) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lcl plan", description="Per-GPU memory, FLOPs and communication "
-                                     "of a config's parallel layout.")
+                                     "of a config's parallel layout.", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="example:\n  lcl plan --config configs/lcl_vit_6b_llama7b.yaml --nodes 8 --gpus-per-node 8")
     parser.add_argument("--config", required=True, help="YAML config")
     parser.add_argument("--nodes", type=int, default=None, help="default: the fewest whole nodes the layout fills")
     parser.add_argument("--gpus-per-node", type=int, default=8)

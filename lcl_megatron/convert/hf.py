@@ -265,7 +265,9 @@ def export(ckpt: Path, out: Path, license_id: str = DEFAULT_LICENSE) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog=TO_HF, description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=TO_HF, description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  lcl convert to-hf --checkpoint runs/demo --out exports/demo-hf")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     add_output_flags(p, "output directory (written atomically)")
     p.add_argument("--license", default=DEFAULT_LICENSE,

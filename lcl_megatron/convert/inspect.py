@@ -110,7 +110,8 @@ def _print_human(info: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="lcl convert inspect", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="lcl convert inspect", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  lcl convert inspect --checkpoint runs/demo\n  lcl convert inspect --checkpoint runs/demo/checkpoints/step_00000400 --json")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = p.parse_args(argv)

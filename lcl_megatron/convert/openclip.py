@@ -203,13 +203,31 @@ def read_openclip_checkpoint(path: Path) -> dict:
 
 FROM_OPENCLIP = "lcl convert from-openclip"
 TO_OPENCLIP = "lcl convert to-openclip"
+# Each command's --help: what it does, and an example.
+_HELP = {
+    FROM_OPENCLIP: (
+        "Import a reference (OpenCLIP-format) LCL checkpoint as a checkpoint of ours, which lcl eval, "
+        "lcl convert and lcl train --init-from read.",
+        "lcl convert from-openclip --checkpoint exports/demo_openclip.pt --model-config exports/demo_openclip.json "
+        "--out ckpt/demo_imported"),
+    TO_OPENCLIP: (
+        "Export a checkpoint (or a run's newest) in the reference's OpenCLIP format: one torch state-dict file.",
+        "lcl convert to-openclip --checkpoint runs/demo --out exports/demo_openclip.pt "
+        "--model-config-out exports/demo_openclip.json"),
+}
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    description, example = _HELP[prog]
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=f"example:\n  {example}",
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def from_openclip_main(argv=None) -> int:
     from lcl_megatron.convert.writer import write_checkpoint
     from lcl_megatron.model.build import expected_tensor_shapes
 
-    p = argparse.ArgumentParser(prog=FROM_OPENCLIP)
+    p = _parser(FROM_OPENCLIP)
     p.add_argument("--checkpoint", required=True, help="OpenCLIP-format LCL checkpoint (.pt)")
     p.add_argument("--model-config", required=True, help="its OpenCLIP model-config JSON")
     add_output_flags(p, "output checkpoint directory")
@@ -242,7 +260,7 @@ def to_openclip_main(argv=None) -> int:
     from lcl_megatron.convert.writer import read_checkpoint
     from lcl_megatron.utils import atomic_write_bytes, atomic_write_text
 
-    p = argparse.ArgumentParser(prog=TO_OPENCLIP)
+    p = _parser(TO_OPENCLIP)
     p.add_argument("--checkpoint", required=True, help="our checkpoint (directory)")
     add_output_flags(p, "output .pt file (a bare OpenCLIP state dict)")
     p.add_argument("--model-config-out", help="also write the OpenCLIP model-config JSON here (same rules as --out)")

@@ -395,7 +395,10 @@ def reshard(src: Path, out: Path, layout: dict, weights_only: bool = False) -> P
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog=RESHARD, description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=RESHARD, description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  lcl convert reshard --checkpoint runs/x --layout tp=1,pp=1,dp=2,zero=3 "
+                                       "--out runs/x-dp2/checkpoints/step_00000300")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     p.add_argument("--layout", required=True, help="tp=N,pp=N,dp=N[,zero=0-3] or 'consolidated' (tp=pp=dp=1)")
     add_output_flags(p, "output checkpoint directory (written atomically)")

@@ -282,10 +282,10 @@ def _cpu_name() -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lcl bench data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mmc4", default=str(Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mmc4"
-                                              / "docs_no_face_shard_151_v3.sample40.jsonl"),
-                        help="an MMC4 .jsonl file (default: the shared 40-document sample beside the checkout)")
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="example:\n  lcl bench data --documents 20 --pair-batches 4 --json bench_data.json")
+    parser.add_argument("--mmc4", default=str(Path(__file__).resolve().parents[1] / "assets" / "mmc4_sample40.jsonl"),
+                        help="an MMC4 .jsonl file (default: the 40 real MMC4 documents shipped in lcl_megatron/assets)")
     parser.add_argument("--documents", type=int, default=120, help="documents timed on each side")
     parser.add_argument("--pair-batches", type=int, default=40, help="packed batches (4 rows of 2,048) measured")
     parser.add_argument("--write", metavar="BENCHMARKS_MD", help="put the results into this file's '## Data' section")

@@ -70,7 +70,8 @@ def mmc4_main(argv: list[str]) -> int:
     from lcl_megatron.data import convert_mmc4
 
     parser = argparse.ArgumentParser(prog="lcl prepare mmc4", description=convert_mmc4.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="example:\n  lcl prepare mmc4 --docs 'mmc4/docs_*.jsonl' --images mmc4/images --out data/mmc4")
     parser.add_argument("--docs", required=True, help="glob of MMC4 .jsonl or .jsonl.zip files")
     parser.add_argument("--images", required=True, help="directory of downloaded images (flat or per-shard folders)")
     parser.add_argument("--form", choices=("mmc4", "items"), default="mmc4",
@@ -110,7 +111,8 @@ def obelics_main(argv: list[str]) -> int:
     from lcl_megatron.data import convert_obelics
 
     parser = argparse.ArgumentParser(prog="lcl prepare obelics", description=convert_obelics.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="example:\n  lcl prepare obelics --parquet 'obelics/*.parquet' --images obelics/images --out data/obelics")
     parser.add_argument("--parquet", required=True, help="glob of OBELICS .parquet files")
     parser.add_argument("--images", required=True,
                         help="directory of images named by URL hash, or img2dataset tars (a directory of them or a glob)")

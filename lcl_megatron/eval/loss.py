@@ -30,8 +30,9 @@ def main(argv=None) -> int:
     from lcl_megatron.config import ConfigError
     from lcl_megatron.eval.common import load_for_eval
 
-    p = argparse.ArgumentParser(prog="lcl eval loss", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True)
+    p = argparse.ArgumentParser(prog="lcl eval loss", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  lcl eval loss --checkpoint runs/demo --batch batch.pt")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     p.add_argument("--batch", required=True, help="torch file with images and input_ids")
     args = p.parse_args(argv)
     try:

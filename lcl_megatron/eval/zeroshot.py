@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="lcl eval zeroshot", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0] + "\n\nSets (see lcl_megatron/eval/datasets.py): embedded:NAME, an image "
-        "folder with one sub-folder per class, or webdataset shards of image + cls with a class-names file.")
+        "folder with one sub-folder per class, or webdataset shards of image + cls with a class-names file.",
+        epilog="example:\n  lcl eval zeroshot --checkpoint runs/demo --data embedded:digits")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     p.add_argument("--data", help="labelled set (default: the checkpoint config's data.heldout)")
     p.add_argument("--classnames", help="'imagenet' (OpenCLIP's 1,000 names), or a .json list / .txt file "

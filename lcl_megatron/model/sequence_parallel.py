@@ -17,23 +17,11 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+from kernels.collectives import all_gather_rows, reduce_scatter_rows
+
 
 def _group():
     return parallel_state.get_tensor_model_parallel_group()
-
-
-def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
-    world = dist.get_world_size(group)
-    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-    return out
-
-
-def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
-    world = dist.get_world_size(group)
-    out = x.new_empty((x.shape[0] // world, *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
-    return out
 
 
 def _own_slice(x: torch.Tensor, group) -> torch.Tensor:
@@ -47,30 +35,30 @@ class _ScatterToSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, _group())
+        return all_gather_rows(grad, _group())
 
 
 class _GatherFromSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, reduce_grad: bool):
         ctx.reduce_grad = reduce_grad
-        return _all_gather(x, _group())
+        return all_gather_rows(x, _group())
 
     @staticmethod
     def backward(ctx, grad):
         # Into a tensor-parallel computation the ranks' input gradients are partial sums;
         # into a replicated one they are equal, so each rank keeps its own slice.
-        return (_reduce_scatter(grad, _group()) if ctx.reduce_grad else _own_slice(grad, _group())), None
+        return (reduce_scatter_rows(grad, _group()) if ctx.reduce_grad else _own_slice(grad, _group())), None
 
 
 class _ReduceScatterToSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        return _reduce_scatter(x, _group())
+        return reduce_scatter_rows(x, _group())
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, _group())
+        return all_gather_rows(grad, _group())
 
 
 def scatter_to_sequence(x: torch.Tensor) -> torch.Tensor:

@@ -19,12 +19,15 @@ from pathlib import Path
 
 from lcl_megatron.config import (Config, ConfigError, check_layout, config_from_dict, load_config, steps_for,
                                  world_size_from_env)
+from lcl_megatron.config_docs import default_model_warning, given_keys
 from lcl_megatron.data.global_batch import build_loader
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="lcl train", description="Train an LCL model.")
-    p.add_argument("--config", help="YAML config (defaults apply to keys it omits)")
+    p = argparse.ArgumentParser(
+        prog="lcl train", description="Train an LCL model; writes run.dir (config, metrics.jsonl, checkpoints, tensorboard).", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  lcl train --config configs/demo.yaml train.steps=50 run.dir=runs/try\n  torchrun --nproc-per-node 2 -m lcl_megatron.cli train --config configs/demo.yaml --resume")
+    p.add_argument("--config", help="YAML config (defaults apply to keys it omits: `lcl config show` lists them)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of run.dir")
     p.add_argument("--init-from", help="start from the weights of this checkpoint (not its optimizer state)")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
@@ -36,6 +39,9 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     check_layout(cfg.parallel, world_size_from_env())
     check_run_dir(cfg.run_dir, resume=args.resume)
+    warning = default_model_warning(given_keys(args.config, args.overrides))
+    if warning and os.environ.get("RANK", "0") == "0":  # once per job, before the process group exists
+        print(f"lcl train: {warning}", file=sys.stderr)
     if cfg.logging.wandb:
         from lcl_megatron.training.wandb_run import require_wandb
 
