@@ -20,7 +20,8 @@ from lcl_megatron.config import ConfigError, check_layout, load_config, validate
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="lcl profile", description=__doc__.split("\n")[0],
-                                epilog="example: lcl profile --config configs/demo.yaml --steps 2")
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  lcl profile --config configs/demo.yaml --steps 2")
     p.add_argument("--config", required=True, help="YAML config to profile")
     p.add_argument("--steps", type=int, default=3, help="profiled optimizer steps (default 3)")
     p.add_argument("--synthetic", action="store_true", help="random rows in the config's shape instead of its data")

@@ -98,7 +98,8 @@ def bench_train(cfg: Config, steps: int, warmup: int, synthetic: bool) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="lcl bench train", description=__doc__.split("\n")[0],
-                                epilog="example: lcl bench train --config configs/demo.yaml --steps 5 --warmup 2")
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  lcl bench train --config configs/demo.yaml --synthetic --steps 5 --warmup 2")
     p.add_argument("--config", required=True, help="YAML config whose model, layout and precision are measured")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")

@@ -113,7 +113,10 @@ def export(ckpt: Path, out: Path, tp: int) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog=TO_MEGATRON, description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=TO_MEGATRON, description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  lcl convert to-megatron-vision --checkpoint runs/demo "
+                                       "--out exports/demo-megatron-vision --tensor-parallel-size 2")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     add_output_flags(p, "output directory, a Megatron-LM checkpoint of the vision model (written atomically)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="tensor-parallel ranks to split into")

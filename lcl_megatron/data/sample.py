@@ -95,7 +95,9 @@ def main(argv=None) -> int:
     from lcl_megatron.utils import atomic_write_bytes
 
     p = argparse.ArgumentParser(prog="lcl data sample", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description=__doc__.split("\n\n", 1)[0] + "\n\n" + __doc__.split("\n\n", 2)[2])
+                                description=__doc__.split("\n\n", 1)[0] + "\n\n" + __doc__.split("\n\n", 2)[2],
+                                epilog="example:\n  lcl data sample --config configs/demo.yaml --step 3 --out step3.pt "
+                                       "--png step3.png")
     p.add_argument("--config", required=True, help="YAML run config")
     p.add_argument("--step", type=int, default=1, help="optimizer step, from 1 (default 1)")
     p.add_argument("--out", required=True, help="batch file to write (.pt); never overwritten")

@@ -71,7 +71,8 @@ def main(argv=None) -> int:
         prog="lcl eval retrieval", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="\n\n".join(__doc__.split("\n\n")[:2]) + "\n\nSets (see lcl_megatron/eval/datasets.py): embedded:NAME (held-out "
         "images captioned with their class prompt), webdataset shards of image + txt (one caption per line), or a "
-        "folder of images with captions.tsv (IMAGE<TAB>CAPTION lines, several per image).")
+        "folder of images with captions.tsv (IMAGE<TAB>CAPTION lines, several per image).",
+        epilog="example:\n  lcl eval retrieval --checkpoint runs/demo --data embedded:digits")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     p.add_argument("--data", required=True, help="image-text set")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
