@@ -146,27 +146,6 @@ def _unpartitioned_masters(engine) -> dict:
     return {id(low): high for lows, highs in pairs for low, high in zip(lows, highs)}
 
 
-def _adam_step(engine) -> int:
-    steps = {int(s["step"]) for s in _base_optimizer(engine).state.values() if "step" in s}
-    if len(steps) > 1:
-        raise ReshardError(f"the optimizer's parameter groups are at different Adam steps: {sorted(steps)}")
-    return steps.pop() if steps else 0
-
-
-def _full_local(engine, masters: dict, param, key: str) -> torch.Tensor:
-    """Collective over DP: this TP rank's whole shard of the fp32 master (key 'fp32') or an Adam moment."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    if _partitioned(param):
-        value = safe_get_full_fp32_param(param) if key == "fp32" else safe_get_full_optimizer_state(param, key)
-        return value.detach().float().cpu().reshape(_local_shape(param))
-    master = masters.get(id(param), param)
-    if key == "fp32":
-        return master.detach().float().cpu()
-    state = _base_optimizer(engine).state.get(master, {})
-    return state[key].detach().float().cpu() if key in state else torch.zeros(param.shape)
-
-
 def _set_full_local(engine, masters: dict, param, key: str, value: torch.Tensor, step: int) -> None:
     """Put this TP rank's whole shard `value` of the master (key 'fp32') or a moment into DeepSpeed's partitions."""
     from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
@@ -200,45 +179,6 @@ def _save_tensors(tensors: dict, path: Path) -> None:
     from lcl_megatron.training.checkpoint import save_model_file
 
     save_model_file(tensors, path)  # atomic
-
-
-def save_canonical_state(engine, out_dir: Path, vocab_size: int) -> None:
-    """Collective (every rank of a live engine): write OUT/optimizer.safetensors and OUT/optimizer.json.
-
-    Each pipeline stage's first rank writes its part; rank 0 merges them."""
-    from megatron.core import parallel_state
-
-    from lcl_megatron.model.sharding import canonical_shape, gather_tensor
-
-    out_dir = Path(out_dir)
-    _link_partitioned_state(engine)
-    names, masters = canonical_names(engine), _unpartitioned_masters(engine)
-    tensors = {}
-    for name, param in engine.module.named_parameters():
-        shape = canonical_shape(name, _local_shape(param), param, vocab_size)
-        for key in STATES:
-            tensors[f"{key}/{names[name]}"] = gather_tensor(name, _full_local(engine, masters, param, key), param, shape)
-    stage = parallel_state.get_pipeline_model_parallel_rank()
-    part = out_dir / f"optimizer.stage{stage:03d}.safetensors"
-    if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
-        _save_tensors(tensors, part)
-    meta = {"adam_step": _adam_step(engine), "global_steps": int(engine.global_steps),
-            "global_samples": int(engine.global_samples), "skipped_steps": int(engine.skipped_steps),
-            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}
-    dist.barrier()
-    if dist.get_rank() == 0:
-        from safetensors.torch import load_file
-
-        merged = {}
-        for i in range(parallel_state.get_pipeline_model_parallel_world_size()):
-            stage_file = out_dir / f"optimizer.stage{i:03d}.safetensors"
-            merged.update(load_file(str(stage_file)))
-            stage_file.unlink()
-        _save_tensors(merged, out_dir / OPTIMIZER_TENSORS)
-        from lcl_megatron.utils import atomic_write_text
-
-        atomic_write_text(out_dir / OPTIMIZER_STATE, json.dumps(meta, indent=1, default=float))
-    dist.barrier()
 
 
 def load_canonical_state(engine, ckpt_dir: Path) -> dict:
