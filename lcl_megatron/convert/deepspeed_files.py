@@ -121,8 +121,8 @@ def _partitioned_adam_state(ckpt: Path, mp: int, dp: int, shapes: OrderedDict, z
             offset = 0
             for name, shape in shapes.items():
                 size = -(-shape.numel() // dp)
-                for key in STATES:
-                    pieces[key][name].append(joined[key][offset:offset + size])
+                for key in STATES:  # copies: the file's tensors are freed before the next is read
+                    pieces[key][name].append(joined[key][offset:offset + size].clone())
                 offset += size
             steps |= {int(f["step"]) for f in flats if f["step"] is not None}
             continue
@@ -132,7 +132,7 @@ def _partitioned_adam_state(ckpt: Path, mp: int, dp: int, shapes: OrderedDict, z
                 steps.add(int(flat["step"]))
             for name, fragment in mapping.items():
                 for key in STATES:
-                    pieces[key][name].append(flat[key].narrow(0, fragment.start, fragment.numel))
+                    pieces[key][name].append(flat[key].narrow(0, fragment.start, fragment.numel).clone())
         del osd
     local = {key: {} for key in STATES}
     for key in STATES:
@@ -141,7 +141,7 @@ def _partitioned_adam_state(ckpt: Path, mp: int, dp: int, shapes: OrderedDict, z
             if flat.numel() < shape.numel():
                 raise UnreadableCheckpoint(f"the optimizer files of model-parallel rank {mp} hold "
                                            f"{flat.numel()} of {name}'s {shape.numel()} elements")
-            local[key][name] = flat[:shape.numel()].float().reshape(shape).clone()
+            local[key][name] = flat[:shape.numel()].float().reshape(shape)
     return {"local": local, "steps": steps}
 
 
