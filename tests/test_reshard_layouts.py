@@ -4,11 +4,12 @@ Four steps at TP=2 x PP=2 x DP=2 with ZeRO-1 (8 processes, `lcl train` under
 torchrun, fp32 on CPU, global batch fixed by data.split=samples), checkpointed
 after steps 2 and 4. Reshard reads the step-2 checkpoint's DeepSpeed files in
 this one process (no process is started) into `consolidated`, and that again
-into `tp=1,pp=1,dp=2,zero=3` (the canonical state is layout-free, so this
-equals resharding the source: only config.yaml and the loader states depend
-on the target). Steps 3-4 resumed on one process and on DP=2 ZeRO-3 match the
-8-process run's; the DP=2 ZeRO-3 run's own step-4 checkpoint, resharded,
-holds the 8-process run's step-4 state.
+into PP=2 and into DP=2 with ZeRO-3 (the canonical state is layout-free, so
+this equals resharding the source: only config.yaml and the loader states
+depend on the target). Steps 3-4 resumed on those two layouts match the
+8-process run's; their own step-4 checkpoints (ZeRO-0 pipeline layer files;
+every parameter cut into padded halves), resharded, hold the 8-process run's
+step-4 state.
 """
 
 import json
@@ -53,7 +54,7 @@ def _canonical_state(ckpt):
 
 
 @pytest.mark.slow
-def test_reshard_tp2_pp2_dp2_in_one_process_then_one_process_and_dp2_zero3_continue_alike(tmp_path, monkeypatch):
+def test_reshard_tp2_pp2_dp2_in_one_process_then_pp2_and_dp2_zero3_continue_alike(tmp_path, monkeypatch):
     import torch
 
     original = tmp_path / "tp2_pp2_dp2"
@@ -64,13 +65,14 @@ def test_reshard_tp2_pp2_dp2_in_one_process_then_one_process_and_dp2_zero3_conti
     step2, step4 = "checkpoints/step_00000002", "checkpoints/step_00000004"
     assert (original / step2 / "zero_pp_rank_1_mp_rank_03_optim_states.pt").is_file()  # DP rank 1's ZeRO partition
     consolidated = _reshard(original / step2, "consolidated", tmp_path / "consolidated" / step2, monkeypatch)
+    pp2 = _reshard(consolidated, "pp=2", tmp_path / "pp2" / step2, monkeypatch)
     dp2_zero3 = _reshard(consolidated, "tp=1,pp=1,dp=2,zero=3", tmp_path / "dp2_zero3" / step2, monkeypatch)
     manifest = json.loads((dp2_zero3 / "COMPLETE").read_text())
     assert manifest["world_size"] == 2 and manifest["source_layout"] == {"tp": 1, "pp": 1, "dp": 1, "zero": 0}
     assert json.loads((consolidated / "COMPLETE").read_text())["source_layout"] == {"tp": 2, "pp": 2, "dp": 2,
                                                                                       "zero": 1}
 
-    for ckpt, nproc in ((consolidated, 1), (dp2_zero3, 2)):
+    for ckpt, nproc in ((pp2, 2), (dp2_zero3, 2)):
         _train(ckpt.parent.parent, nproc, "--config", str(ckpt / "config.yaml"), resume=True)
         got = read_metrics(ckpt.parent.parent)
         assert [m["step"] for m in got] == [3, 4], ckpt
@@ -78,15 +80,15 @@ def test_reshard_tp2_pp2_dp2_in_one_process_then_one_process_and_dp2_zero3_conti
             for key in ("loss", "generation_loss", "contrastive_loss", "lr"):
                 assert m[key] == pytest.approx(ref[key], rel=1e-4), (str(ckpt), key, ref["step"])
 
-    # DP=2 ZeRO-3's files (every parameter cut into padded halves) read back as the source's state.
     source = _canonical_state(_reshard(original / step4, "consolidated", tmp_path / "source4", monkeypatch))
-    resumed = _canonical_state(_reshard(tmp_path / "dp2_zero3" / step4, "consolidated", tmp_path / "zero3_4",
-                                        monkeypatch))
-    assert resumed[1]["adam_step"] == source[1]["adam_step"] == 4
-    assert resumed[1]["global_steps"] == 4 and resumed[1]["global_samples"] == source[1]["global_samples"]
-    assert resumed[0].keys() == source[0].keys()
-    for key, value in source[0].items():
-        torch.testing.assert_close(resumed[0][key], value, rtol=1e-3, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    for run in ("pp2", "dp2_zero3"):
+        resumed = _canonical_state(_reshard(tmp_path / run / step4, "consolidated", tmp_path / f"{run}_4",
+                                            monkeypatch))
+        assert resumed[1]["adam_step"] == source[1]["adam_step"] == 4
+        assert resumed[1]["global_steps"] == 4 and resumed[1]["global_samples"] == source[1]["global_samples"]
+        assert resumed[0].keys() == source[0].keys()
+        for key, value in source[0].items():
+            torch.testing.assert_close(resumed[0][key], value, rtol=1e-3, atol=1e-6, msg=lambda m: f"{run} {key}: {m}")
 
 
 def test_canonical_state_round_trip_into_another_engine(tmp_path):

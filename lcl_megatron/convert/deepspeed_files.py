@@ -176,7 +176,8 @@ def _canonical_namer(cfg: Config):
         return lambda name: name
     from lcl_megatron.model.pipeline import canonical_name, layer_prefixes
 
-    layers = {i: SimpleNamespace(CANONICAL=prefixes) for i, prefixes in enumerate(layer_prefixes(cfg.model.text.layers))}
+    prefixes = layer_prefixes(cfg.model.text.layers)
+    layers = {i: SimpleNamespace(CANONICAL=p) for i, p in enumerate(prefixes)}
     return lambda name: canonical_name(name, layers)
 
 
@@ -210,7 +211,8 @@ def read_training_state(ckpt: Path, cfg: Config, world_size: int) -> tuple[dict,
                 shapes = OrderedDict((n, torch.Size(s)) for group in (states.get("param_shapes") or ())
                                      for n, s in group.items())
                 if not shapes:  # the bf16 optimizer without ZeRO leaves param_shapes out
-                    shapes = OrderedDict((n, w.shape) for n, w in _module_weights(ckpt, states, layers, tp_rank).items())
+                    weights = _module_weights(ckpt, states, layers, tp_rank)
+                    shapes = OrderedDict((n, w.shape) for n, w in weights.items())
                 read = _partitioned_adam_state(ckpt, mp, dp, shapes, zero3=zero == 3)
             else:
                 read = _torch_adam_state(states, _module_weights(ckpt, states, layers, tp_rank))
