@@ -80,7 +80,6 @@ def gather_tensor(name: str, local: torch.Tensor, param, shape: tuple) -> torch.
     """Collective over the TP group: this rank's shard -> the canonical tensor of `shape`."""
     group, tp, _ = _tp()
     if tp > 1 and param is not None and getattr(param, "tensor_model_parallel", False):
-        dim = param.partition_dim
         pieces = [torch.empty_like(local) for _ in range(tp)]
         dist.all_gather(pieces, local.contiguous(), group=group)
         return join_shards(name, pieces, param, shape)
