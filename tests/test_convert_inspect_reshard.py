@@ -117,6 +117,19 @@ def test_broken_checkpoints_exit_2(capsys, runs, tmp_path, command):
     assert not (tmp_path / "out").exists()
 
 
+def test_reshard_refuses_deepspeed_files_of_another_layout_than_the_config(capsys, runs, tmp_path):
+    from lcl_megatron.training.checkpoint import read_manifest, write_manifest
+
+    claims_zero3 = _broken(tmp_path, runs[1], "claims_zero3")
+    config = (claims_zero3 / "config.yaml").read_text()
+    (claims_zero3 / "config.yaml").write_text(config.replace("zero_stage: 1", "zero_stage: 3", 1))
+    write_manifest(claims_zero3, {k: v for k, v in read_manifest(claims_zero3).items() if k != "files"})
+    err = _exit_2(capsys, "convert", "reshard", "--checkpoint", claims_zero3, "--layout", "consolidated",
+                  "--out", tmp_path / "out")
+    assert "lacks DeepSpeed's file zero_pp_rank_0_mp_rank_00_model_states.pt" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_reshard_to_consolidated_gives_the_same_state_from_every_zero_stage(capsys, runs, tmp_path):
     states = {}
     for stage, ckpt in runs.items():

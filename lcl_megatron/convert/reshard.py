@@ -3,12 +3,12 @@
     lcl convert reshard --checkpoint DIR --layout tp=N,pp=N,dp=N[,zero=0-3] --out DIR [--weights-only]
     lcl convert reshard --checkpoint DIR --layout consolidated --out DIR
 
-DeepSpeed itself reads the source: the command starts the source's world of
-processes (torchrun; this process for a world of one, convert/reshard_worker.py),
-builds the source engine, loads the checkpoint and asks DeepSpeed for every
-parameter's full fp32 master and Adam moments (ZeRO 0-3, pipeline engine);
-they are gathered over tensor parallelism and named as in the single-process
-model. That canonical training state is written to OUT:
+The source is read from its files, one model-parallel rank at a time, in this
+one process (convert/deepspeed_files.py): a checkpoint of any number of GPUs
+converts on one machine, with memory for its canonical state. Every
+parameter's full fp32 master and Adam moments (ZeRO 0-3, pipeline stages,
+TP shards joined) are named as in the single-process model. That canonical
+training state is written to OUT:
 
     model.safetensors      the source's consolidated weights (copied)
     optimizer.safetensors  fp32/NAME, exp_avg/NAME, exp_avg_sq/NAME, canonical names and shapes
@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,6 +37,7 @@ import torch.distributed as dist
 import yaml
 
 from lcl_megatron.config import Config, ConfigError, validate_config
+from lcl_megatron.convert.deepspeed_files import STATES, UnreadableCheckpoint, read_training_state
 from lcl_megatron.convert.native import CheckpointMismatch, check_tensors
 from lcl_megatron.convert.output import add_output_flags, write_guarded
 from lcl_megatron.training.checkpoint import CONFIG_FILE, MODEL_FILE, read_manifest, write_manifest
@@ -46,8 +45,7 @@ from lcl_megatron.training.checkpoint import CONFIG_FILE, MODEL_FILE, read_manif
 RESHARD = "lcl convert reshard"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_STATE = "optimizer.json"
-MOMENTS = ("exp_avg", "exp_avg_sq")
-STATES = ("fp32", *MOMENTS)
+MOMENTS = STATES[1:]
 
 
 class ReshardError(ValueError):
@@ -148,27 +146,6 @@ def _unpartitioned_masters(engine) -> dict:
     return {id(low): high for lows, highs in pairs for low, high in zip(lows, highs)}
 
 
-def _adam_step(engine) -> int:
-    steps = {int(s["step"]) for s in _base_optimizer(engine).state.values() if "step" in s}
-    if len(steps) > 1:
-        raise ReshardError(f"the optimizer's parameter groups are at different Adam steps: {sorted(steps)}")
-    return steps.pop() if steps else 0
-
-
-def _full_local(engine, masters: dict, param, key: str) -> torch.Tensor:
-    """Collective over DP: this TP rank's whole shard of the fp32 master (key 'fp32') or an Adam moment."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    if _partitioned(param):
-        value = safe_get_full_fp32_param(param) if key == "fp32" else safe_get_full_optimizer_state(param, key)
-        return value.detach().float().cpu().reshape(_local_shape(param))
-    master = masters.get(id(param), param)
-    if key == "fp32":
-        return master.detach().float().cpu()
-    state = _base_optimizer(engine).state.get(master, {})
-    return state[key].detach().float().cpu() if key in state else torch.zeros(param.shape)
-
-
 def _set_full_local(engine, masters: dict, param, key: str, value: torch.Tensor, step: int) -> None:
     """Put this TP rank's whole shard `value` of the master (key 'fp32') or a moment into DeepSpeed's partitions."""
     from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
@@ -202,45 +179,6 @@ def _save_tensors(tensors: dict, path: Path) -> None:
     from lcl_megatron.training.checkpoint import save_model_file
 
     save_model_file(tensors, path)  # atomic
-
-
-def save_canonical_state(engine, out_dir: Path, vocab_size: int) -> None:
-    """Collective (every rank of a live engine): write OUT/optimizer.safetensors and OUT/optimizer.json.
-
-    Each pipeline stage's first rank writes its part; rank 0 merges them."""
-    from megatron.core import parallel_state
-
-    from lcl_megatron.model.sharding import canonical_shape, gather_tensor
-
-    out_dir = Path(out_dir)
-    _link_partitioned_state(engine)
-    names, masters = canonical_names(engine), _unpartitioned_masters(engine)
-    tensors = {}
-    for name, param in engine.module.named_parameters():
-        shape = canonical_shape(name, _local_shape(param), param, vocab_size)
-        for key in STATES:
-            tensors[f"{key}/{names[name]}"] = gather_tensor(name, _full_local(engine, masters, param, key), param, shape)
-    stage = parallel_state.get_pipeline_model_parallel_rank()
-    part = out_dir / f"optimizer.stage{stage:03d}.safetensors"
-    if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
-        _save_tensors(tensors, part)
-    meta = {"adam_step": _adam_step(engine), "global_steps": int(engine.global_steps),
-            "global_samples": int(engine.global_samples), "skipped_steps": int(engine.skipped_steps),
-            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}
-    dist.barrier()
-    if dist.get_rank() == 0:
-        from safetensors.torch import load_file
-
-        merged = {}
-        for i in range(parallel_state.get_pipeline_model_parallel_world_size()):
-            stage_file = out_dir / f"optimizer.stage{i:03d}.safetensors"
-            merged.update(load_file(str(stage_file)))
-            stage_file.unlink()
-        _save_tensors(merged, out_dir / OPTIMIZER_TENSORS)
-        from lcl_megatron.utils import atomic_write_text
-
-        atomic_write_text(out_dir / OPTIMIZER_STATE, json.dumps(meta, indent=1, default=float))
-    dist.barrier()
 
 
 def load_canonical_state(engine, ckpt_dir: Path) -> dict:
@@ -339,22 +277,13 @@ def _has_deepspeed_state(manifest: dict) -> bool:
     return any(name.endswith(".pt") for name in manifest["files"])
 
 
-def compute_canonical_state(ckpt: Path, out: Path, world_size: int, timeout_s: float) -> None:
-    """Run the source engine (torchrun of the source's world size) to write the canonical state into `out`."""
-    if world_size == 1:
-        from lcl_megatron.convert.reshard_worker import write_canonical_state
+def write_canonical_state(ckpt: Path, out: Path, cfg: Config, world_size: int) -> None:
+    """OUT/optimizer.safetensors and OUT/optimizer.json from the DeepSpeed files of a source of `world_size` ranks."""
+    from lcl_megatron.utils import atomic_write_text
 
-        write_canonical_state(ckpt, out)
-        return
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-           "-m", "lcl_megatron.convert.reshard_worker", str(ckpt), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-    if proc.returncode != 0:
-        lines = [l for l in proc.stderr.splitlines() if l.startswith("lcl convert reshard:")]
-        reason = lines[-1].removeprefix("lcl convert reshard: ") if lines else \
-            (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ReshardError(f"reading '{ckpt}' on {world_size} processes failed (exit {proc.returncode}): {reason}")
+    tensors, meta = read_training_state(ckpt, cfg, world_size)
+    _save_tensors(tensors, out / OPTIMIZER_TENSORS)
+    atomic_write_text(out / OPTIMIZER_STATE, json.dumps(meta, indent=1, default=float))
 
 
 def reshard(src: Path, out: Path, layout: dict, weights_only: bool = False) -> Path:
@@ -376,7 +305,7 @@ def reshard(src: Path, out: Path, layout: dict, weights_only: bool = False) -> P
                 for name in (OPTIMIZER_TENSORS, OPTIMIZER_STATE):
                     shutil.copyfile(ckpt / name, tmp / name)
             else:
-                compute_canonical_state(ckpt, tmp, world, cfg.parallel.timeout_s * 4)
+                write_canonical_state(ckpt, tmp, cfg, world)
             from safetensors import safe_open
 
             with safe_open(str(tmp / OPTIMIZER_TENSORS), framework="pt") as f:
@@ -405,4 +334,4 @@ def main(argv=None) -> int:
     p.add_argument("--weights-only", action="store_true", help="leave out the optimizer state")
     args = p.parse_args(argv)
     write = lambda: reshard(Path(args.checkpoint), Path(args.out), parse_layout(args.layout), args.weights_only)
-    return 0 if write_guarded(RESHARD, args, write, errors=(ReshardError,)) is not None else 2
+    return 0 if write_guarded(RESHARD, args, write, errors=(ReshardError, UnreadableCheckpoint)) is not None else 2

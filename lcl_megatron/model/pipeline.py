@@ -52,9 +52,13 @@ class LMLayerStage(nn.Module):
     def __init__(self, model: LCLModel, index: int):
         super().__init__()
         self.layer = model.text.layers[index]
-        self.CANONICAL = {"layer": f"text.layers.{index}"}
+        self.CANONICAL = self.canonical(index)
         self._rotary = [model.text.rotary]  # a list: shared, not registered as a submodule here
         self.checkpoint_layers = model.text.checkpoint_layers
+
+    @staticmethod
+    def canonical(index: int) -> dict:
+        return {"layer": f"text.layers.{index}"}
 
     def forward(self, inputs):
         hidden, latents, num_images, input_ids, attention_mask = inputs
@@ -90,6 +94,12 @@ class LossStage(nn.Module):
 def pipeline_layers(model: LCLModel, max_images: int) -> list[nn.Module]:
     return ([FirstStage(model, max_images)] + [LMLayerStage(model, i) for i in range(len(model.text.layers))]
             + [LossStage(model)])
+
+
+def layer_prefixes(num_lm_layers: int) -> list[dict]:
+    """The CANONICAL map of each layer pipeline_layers builds, by layer index (no model needed)."""
+    return ([FirstStage.CANONICAL] + [LMLayerStage.canonical(i) for i in range(num_lm_layers)]
+            + [LossStage.CANONICAL])
 
 
 def stage_boundaries(num_lm_layers: int, num_stages: int, first_stage_lm_layers: int) -> list[int]:

@@ -80,15 +80,21 @@ def gather_tensor(name: str, local: torch.Tensor, param, shape: tuple) -> torch.
     """Collective over the TP group: this rank's shard -> the canonical tensor of `shape`."""
     group, tp, _ = _tp()
     if tp > 1 and param is not None and getattr(param, "tensor_model_parallel", False):
-        dim = param.partition_dim
         pieces = [torch.empty_like(local) for _ in range(tp)]
         dist.all_gather(pieces, local.contiguous(), group=group)
-        if _is_glu_fc1(name, param):
-            halves = [p.chunk(2, dim=dim) for p in pieces]
-            local = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
-        else:
-            local = torch.cat(pieces, dim=dim)
-    return local[tuple(slice(0, n) for n in shape)].contiguous()  # crops the vocabulary padding
+        return join_shards(name, pieces, param, shape)
+    return local[tuple(slice(0, n) for n in shape)].contiguous()
+
+
+def join_shards(name: str, pieces: list[torch.Tensor], param, shape: tuple) -> torch.Tensor:
+    """Every TP rank's shard of a split parameter, in rank order -> the canonical tensor of `shape`."""
+    dim = param.partition_dim
+    if _is_glu_fc1(name, param):
+        halves = [p.chunk(2, dim=dim) for p in pieces]
+        full = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    else:
+        full = torch.cat(pieces, dim=dim)
+    return full[tuple(slice(0, n) for n in shape)].contiguous()  # crops the vocabulary padding
 
 
 def canonical_shapes(model: torch.nn.Module, vocab_size: int) -> dict:
