@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from lcl_megatron.config import ConfigError, check_layout, load_config, validate_config, world_size_from_env
+from lcl_megatron.bench.train import prepare_steps, step_config
+from lcl_megatron.config import ConfigError
 
 
 def main(argv=None) -> int:
@@ -29,16 +30,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="folder to keep the trace in")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = p.parse_args(argv)
-    try:
-        if args.steps < 1 or args.top < 1:
-            raise ConfigError(f"--steps and --top must be >= 1, got {args.steps} and {args.top}")
-        cfg = load_config(args.config, args.overrides, validate=False)
-        validate_config(cfg, check_data=not args.synthetic)
-        check_layout(cfg.parallel, world_size_from_env())
-    except ConfigError as e:
-        print(f"lcl profile: {e}", file=sys.stderr)
-        return 2
-    from lcl_megatron.bench.train import prepare_steps
+    if args.steps < 1 or args.top < 1:
+        raise ConfigError(f"--steps and --top must be >= 1, got {args.steps} and {args.top}")
+    cfg = step_config(args.config, args.overrides, args.synthetic)
 
     _model, engine, step_fn, batches, device_type = prepare_steps(cfg, args.synthetic)
     step_fn(engine, batches, cfg, 1)  # warm-up: first-call allocations and compilation stay out of the table

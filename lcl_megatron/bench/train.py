@@ -45,6 +45,15 @@ def synthetic_batches(cfg: Config, images_per_microbatch: int, seed: int = 0):
                "input_ids": ids, "attention_mask": torch.ones(rows, length, dtype=torch.bool)}
 
 
+def step_config(path: str, overrides: list[str], synthetic: bool) -> Config:
+    """The checked config of a measured step (ConfigError: one line, exit 2); synthetic rows need
+    no data on this machine."""
+    cfg = load_config(path, overrides, validate=False)
+    validate_config(cfg, check_data=not synthetic)
+    check_layout(cfg.parallel, world_size_from_env())
+    return cfg
+
+
 def prepare_steps(cfg: Config, synthetic: bool):
     """(model, engine, step function, micro-batches, device type) of `lcl train`'s step for `cfg`."""
     from megatron.core import parallel_state
@@ -52,7 +61,7 @@ def prepare_steps(cfg: Config, synthetic: bool):
     from lcl_megatron.parallel import init_distributed
     from lcl_megatron.plan import images_per_microbatch
     from lcl_megatron.training.engine import build_engine, build_model, is_pipeline, pipeline_train_step, plain_train_step
-    from lcl_megatron.training.train import build_loader
+    from lcl_megatron.data.global_batch import build_loader
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     init_distributed(cfg.parallel, timeout_s=cfg.parallel.timeout_s)
@@ -106,15 +115,9 @@ def main(argv=None) -> int:
     p.add_argument("--synthetic", action="store_true", help="random rows in the config's shape instead of its data")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = p.parse_args(argv)
-    try:
-        if args.steps < 1 or args.warmup < 0:
-            raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
-        cfg = load_config(args.config, args.overrides, validate=False)
-        validate_config(cfg, check_data=not args.synthetic)  # synthetic rows need no data on this machine
-        check_layout(cfg.parallel, world_size_from_env())
-    except ConfigError as e:
-        print(f"lcl bench train: {e}", file=sys.stderr)
-        return 2
+    if args.steps < 1 or args.warmup < 0:
+        raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    cfg = step_config(args.config, args.overrides, args.synthetic)
     result = bench_train(cfg, args.steps, args.warmup, args.synthetic)
     if torch.distributed.get_rank() == 0:
         print(f"{result['config']} on {result['world_size']} x {result['device']} ({result['precision']}): "
