@@ -199,7 +199,7 @@ def test_training_continues_from_the_consolidated_checkpoint_on_another_zero_sta
     another seed: the loss and the weights equal those of the run that went on under ZeRO-0."""
     from lcl_megatron.convert.reshard import load_canonical_state
     from lcl_megatron.training.engine import build_engine, build_model, plain_train_step
-    from lcl_megatron.training.train import build_loader
+    from lcl_megatron.data.global_batch import build_loader
 
     consolidated = tmp_path / "consolidated"
     code, _, err = run_cli(capsys, "convert", "reshard", "--checkpoint", runs[0], "--layout", f"dp=1,zero={stage}",

@@ -91,7 +91,7 @@ def _model_on_device(cfg):
 
 
 def _batches(cfg):
-    from lcl_megatron.training.train import build_loader
+    from lcl_megatron.data.global_batch import build_loader
 
     return iter(build_loader(cfg, dp_rank=0, dp_size=1))
 

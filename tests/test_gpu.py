@@ -94,7 +94,7 @@ def test_one_training_step_on_the_gpu_equals_the_cpu_step():
     from lcl_megatron.model.build import ensure_single_process_groups
     from lcl_megatron.model.lcl import LCLModel
     from lcl_megatron.training.optim import build_optimizer
-    from lcl_megatron.training.train import build_loader
+    from lcl_megatron.data.global_batch import build_loader
     from tests.test_parallel_equivalence import TINY
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

@@ -104,7 +104,7 @@ def test_canonical_state_round_trip_into_another_engine(tmp_path):
     from lcl_megatron.parallel import init_distributed
     from lcl_megatron.training.checkpoint import write_consolidated, write_manifest
     from lcl_megatron.training.engine import build_engine, build_model, plain_train_step
-    from lcl_megatron.training.train import build_loader
+    from lcl_megatron.data.global_batch import build_loader
 
     def save_canonical(engine, cfg, out):  # DeepSpeed's files as `lcl train` writes them, read as reshard does
         engine.save_checkpoint(str(tmp_path / "deepspeed"), tag=out.name, save_latest=False)
