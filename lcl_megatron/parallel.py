@@ -77,7 +77,8 @@ def verify_groups_match(engine) -> None:
         raise RuntimeError(f"DeepSpeed's data-parallel ranks {theirs} differ from megatron-core's {ours}")
 
 
-def destroy() -> None:
+def destroy_process_groups() -> None:
+    """megatron-core's groups, then torch.distributed's (DeepSpeed's are among them)."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -53,6 +53,7 @@ def main(argv=None) -> int:
         init_from = resolve_checkpoint(args.init_from)
     check_data(cfg)
     from lcl_megatron.model.pipeline import PipelineInputError
+    from lcl_megatron.parallel import destroy_process_groups
     from lcl_megatron.training.engine import TrainingError
 
     try:
@@ -60,6 +61,9 @@ def main(argv=None) -> int:
     except (TrainingError, PipelineInputError) as e:
         print(f"lcl train: {e}", file=sys.stderr)
         return 1
+    # Process groups down in order while the interpreter is whole: their native threads, left
+    # to interpreter teardown, can abort a rank that has already written its checkpoint.
+    destroy_process_groups()
     return result["exit_code"]  # non-zero when a signal stopped the run and it was not requeued
 
 
