@@ -474,20 +474,43 @@ def _check_data_path(entry: str, key: str) -> None:
         _require(name in EMBEDDED_CORPORA, key, f"names an unknown embedded corpus {name!r} "
                  f"(known: {', '.join(sorted(EMBEDDED_CORPORA))})")
         return
-    location = entry.rsplit(":", 1)[0] if _has_weight(entry) else entry
-    if not (os.path.exists(location) or glob.glob(location)):
-        raise ConfigError(f"config key '{key}': data path '{location}' does not exist")
-
-
-def _has_weight(entry: str) -> bool:
-    head, sep, tail = entry.rpartition(":")
-    if not sep or not head:
-        return False
     try:
-        float(tail)
-        return True
-    except ValueError:
-        return False
+        location, _ = parse_data_entry(entry)
+    except ValueError as e:
+        raise ConfigError(f"config key '{key}': {e}") from None
+    if location.startswith(PIPE_PREFIX):
+        return  # a command's output cannot be checked before it runs; a failing one is reported by shard
+    missing = [p for p in expand_braces(location) if not (os.path.exists(p) or glob.glob(p))]
+    if missing:
+        raise ConfigError(f"config key '{key}': data path '{missing[0]}' does not exist"
+                          + (f" (nor {len(missing) - 1} more of '{location}')" if len(missing) > 1 else ""))
+
+
+# A data.path entry: LOCATION[:WEIGHT]. LOCATION is embedded:NAME, a directory of .tar shards, a glob,
+# a brace list as OpenCLIP users write them (/data/laion/{00000..41455}.tar), or a webdataset-style
+# pipe:COMMAND whose standard output is one tar (pipe:aws s3 cp s3://bucket/{0000..0099}.tar -).
+PIPE_PREFIX = "pipe:"
+
+
+def parse_data_entry(entry: str) -> tuple[str, float]:
+    """"LOCATION" or "LOCATION:WEIGHT" -> (location, weight); the weight defaults to 1."""
+    head, sep, tail = entry.rpartition(":")
+    if sep and head:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return entry, 1.0
+        if not weight > 0 or not math.isfinite(weight):
+            raise ValueError(f"data path '{entry}' has a weight that is not a positive number")
+        return head, weight
+    return entry, 1.0
+
+
+def expand_braces(location: str) -> list[str]:
+    """`{a,b}` and `{000..099}` lists expanded, as bash and webdataset do."""
+    from braceexpand import braceexpand
+
+    return list(braceexpand(location)) if "{" in location else [location]
 
 
 def parse_profile_steps(text: str) -> tuple[int, int] | None:

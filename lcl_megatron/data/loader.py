@@ -42,6 +42,7 @@ from typing import Iterator
 
 import torch
 
+from lcl_megatron.config import PIPE_PREFIX, expand_braces, parse_data_entry
 from lcl_megatron.tokens import PAD_ID
 from lcl_megatron.data.documents import Document, Image
 from lcl_megatron.data.embedded import CLASS_PROMPTS_FILE, HELDOUT_SHARD, corpus_index, ensure_corpus
@@ -63,29 +64,21 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
-def parse_data_entry(entry: str) -> tuple[str, float]:
-    """"LOCATION" or "LOCATION:WEIGHT" -> (location, weight); the weight defaults to 1."""
-    head, sep, tail = entry.rpartition(":")
-    if sep and head:
-        try:
-            weight = float(tail)
-        except ValueError:
-            return entry, 1.0
-        if not weight > 0:
-            raise ValueError(f"data path '{entry}' has a weight that is not positive")
-        return head, weight
-    return entry, 1.0
-
-
 def resolve_shards(entry: str) -> list[str]:
-    """A data.path entry (embedded:NAME, directory of .tar files, or glob) -> sorted shard paths."""
+    """A data.path location (see config.parse_data_entry) -> its shards: sorted paths, or the
+    commands of a pipe: location in the order written."""
     if entry.startswith("embedded:"):
         directory = ensure_corpus(entry.split(":", 1)[1])
         return [str(directory / name) for name in sorted(corpus_index(directory)["train"])]
-    if os.path.isdir(entry):
-        shards = sorted(glob.glob(os.path.join(entry, "*.tar")))
-    else:
-        shards = sorted(glob.glob(entry))
+    if entry.startswith(PIPE_PREFIX):
+        return expand_braces(entry)
+    shards = []
+    for location in expand_braces(entry):
+        if os.path.isdir(location):
+            shards += glob.glob(os.path.join(location, "*.tar"))
+        else:
+            shards += glob.glob(location)
+    shards = sorted(set(shards))
     if not shards:
         raise ValueError(f"data path '{entry}' holds no .tar shards")
     return shards

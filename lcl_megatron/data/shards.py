@@ -10,9 +10,13 @@ from __future__ import annotations
 import io
 import os
 import re
+import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from lcl_megatron.config import PIPE_PREFIX
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
@@ -38,6 +42,13 @@ def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> 
     return count
 
 
+def _last_line(errors) -> str:
+    """`: LINE`, the last line a command wrote to its standard error, or nothing."""
+    errors.seek(0)
+    said = errors.read().decode(errors="replace").strip().splitlines()
+    return f": {said[-1]}" if said else ""
+
+
 class ShardError(IOError):
     """A shard that could not be read to its end."""
 
@@ -45,12 +56,23 @@ class ShardError(IOError):
 def read_shard(path: str | Path) -> Iterator[dict]:
     """Yield samples {"__key__": key, ext: bytes, ...} in order.
 
-    Members without an extension are ignored. A truncated or corrupt tar raises
-    ShardError after the complete samples read before the damage were yielded.
+    `path` is a tar file or `pipe:COMMAND`, a shell command whose standard output
+    is the tar (webdataset's convention: pipe:aws s3 cp s3://bucket/x.tar -).
+    Members without an extension are ignored. A truncated or corrupt tar, or a
+    command that fails, raises ShardError after the complete samples read before
+    the damage were yielded.
     """
     current: dict | None = None
+    command = str(path)[len(PIPE_PREFIX):] if str(path).startswith(PIPE_PREFIX) else None
+    proc = errors = None
     try:
-        with tarfile.open(path, "r|*") as tar:
+        if command is not None:
+            errors = tempfile.TemporaryFile()  # a file, not a pipe: a chatty command cannot block on it
+            proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=errors)
+            tar_file = tarfile.open(fileobj=proc.stdout, mode="r|*")
+        else:
+            tar_file = tarfile.open(path, "r|*")
+        with tar_file as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -66,11 +88,25 @@ def read_shard(path: str | Path) -> Iterator[dict]:
                     current = {"__key__": key}
                 current[ext] = data
             end = tar.offset
+        if proc is not None:
+            proc.stdout.close()
+            if proc.wait() != 0:
+                raise ShardError(f"{path}: the command exited with {proc.returncode}{_last_line(errors)}")
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        raise ShardError(f"{path}: {type(e).__name__}: {e}") from None
+        said = ""
+        if proc is not None:
+            proc.wait()
+            said = _last_line(errors)
+        raise ShardError(f"{path}: {type(e).__name__}: {e}{said}") from None
+    finally:
+        if proc is not None and proc.poll() is None:  # the reader stopped early
+            proc.kill()
+            proc.wait()
+        if errors is not None:
+            errors.close()
     # tarfile takes a header cut short for the end of the archive; a whole tar
     # ends with two zero blocks after its last member.
-    if str(path).endswith(".tar") and os.path.getsize(path) < end + 2 * tarfile.BLOCKSIZE:
+    if command is None and str(path).endswith(".tar") and os.path.getsize(path) < end + 2 * tarfile.BLOCKSIZE:
         raise ShardError(f"{path}: truncated (no end-of-archive marker)")
     if current is not None:
         yield current
