@@ -17,6 +17,7 @@ COMMANDS = {
     ("train",): "lcl_megatron.training.train:main",
     ("eval", "zeroshot"): "lcl_megatron.eval.zeroshot:main",
     ("eval", "loss"): "lcl_megatron.eval.loss:main",
+    ("eval", "probe"): "lcl_megatron.eval.probe:main",
     ("convert", "from-openclip"): "lcl_megatron.convert.openclip:from_openclip_main",
     ("convert", "to-openclip"): "lcl_megatron.convert.openclip:to_openclip_main",
     ("convert", "to-hf"): "lcl_megatron.convert.hf:main",
