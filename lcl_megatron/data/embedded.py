@@ -210,12 +210,12 @@ def build_digits(out: Path) -> None:
 # named once, and a house number is read out only after its images. The pairs
 # corpus gives each scene a caption instead.
 
-SCENES_VERSION = 1
+SCENES_VERSION = 2
 SCENE_SEED = 20240608
 SCENE_SIZE = 32
-SCENE_GLYPH_SIZES = (16, 28)  # side of the upscaled scan, pixels
-SCENE_MAX_ROTATION = 20.0  # degrees
-SCENE_MAX_STROKES = 2
+SCENE_GLYPH_SIZES = (22, 30)  # side of the upscaled scan, pixels
+SCENE_MAX_ROTATION = 10.0  # degrees
+SCENE_MAX_STROKES = 1
 SCENE_PROMPT = "several {name} digits written by different people:"
 PAIR_PROMPT = "a handwritten {name}"
 PAIR_CAPTIONS = (PAIR_PROMPT, "a picture of the digit {name}", "the number {name} ({digit}) written by hand",
