@@ -102,7 +102,11 @@ def evaluate(arm: Arm, model, cfg, labelled: dict, zeroshot_set) -> dict:
     return out
 
 
-def run(arms: list[str], seeds: list[int], steps: int | None, work: Path) -> list[dict]:
+def run(arms: list[str], seeds: list[int], steps: int | None, work: Path, jobs: int) -> list[dict]:
+    """Train every (arm, seed) `jobs` at a time (one single-threaded process each), then
+    probe every checkpoint in this process, one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from lcl_megatron.data.labelled import load_labelled_set
     from lcl_megatron.data.loader import load_zeroshot_set
     from lcl_megatron.eval.common import load_for_eval
@@ -110,27 +114,42 @@ def run(arms: list[str], seeds: list[int], steps: int | None, work: Path) -> lis
 
     base = load_config(CONFIG)
     size = base.model.vision.image_size
+    runs = [(name, seed) for name in arms for seed in seeds]
+    trained = [(name, seed) for name, seed in runs if ARMS[name].data is not None]
+    started = time.perf_counter()
+
+    def train(name_seed):
+        name, seed = name_seed
+        run_dir = work / f"{name}-seed{seed}"
+        run_dir.mkdir(parents=True)
+        begin = time.perf_counter()
+        checkpoint = train_arm(ARMS[name], seed, run_dir, steps)
+        print(f"ablation: trained {name} seed {seed} in {time.perf_counter() - begin:.0f} s", flush=True)
+        return checkpoint, time.perf_counter() - begin
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        checkpoints = dict(zip(trained, pool.map(train, trained)))
+    train_s = time.perf_counter() - started
     labelled = load_labelled_set(LABELLED_SET, size)
     zeroshot_sets = {data: load_zeroshot_set(data, size) for data in (INTERLEAVED, PAIRS)}
     rows = []
-    for name in arms:
+    for name, seed in runs:
         arm = ARMS[name]
-        for seed in seeds:
-            start = time.perf_counter()
-            if arm.data is None:
-                cfg, model = untrained_model(load_config(CONFIG, [f"train.seed={seed}"]))
-                row = evaluate(arm, model, cfg, labelled, None)
-            else:
-                run_dir = work / f"{name}-seed{seed}"
-                run_dir.mkdir(parents=True)
-                cfg, model = load_for_eval(train_arm(arm, seed, run_dir, steps))
-                row = evaluate(arm, model, cfg, labelled, zeroshot_sets[arm.data])
-            row = {"arm": name, "seed": seed, "steps": steps or base.train.steps, **row,
-                   "wall_s": round(time.perf_counter() - start, 1)}
-            rows.append(row)
-            with open(work / "results.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+        if arm.data is None:
+            cfg, model = untrained_model(load_config(CONFIG, [f"train.seed={seed}"]))
+            row, train_wall = evaluate(arm, model, cfg, labelled, None), 0.0
+        else:
+            checkpoint, train_wall = checkpoints[(name, seed)]
+            cfg, model = load_for_eval(checkpoint)
+            row = evaluate(arm, model, cfg, labelled, zeroshot_sets[arm.data])
+        row = {"arm": name, "seed": seed, "steps": 0 if arm.data is None else steps or base.train.steps, **row,
+               "train_s": round(train_wall, 1)}
+        rows.append(row)
+        with open(work / "results.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+    print(f"ablation: training {train_s / 60:.1f} min ({jobs} at a time), probing "
+          f"{(time.perf_counter() - started - train_s) / 60:.1f} min", flush=True)
     return rows
 
 
@@ -189,7 +208,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
 def write_results(rows: list[dict], doc: Path, plot: Path, wall_s: float, command: str) -> None:
     from lcl_megatron.utils import write_markdown_section
 
-    steps = sorted({row["steps"] for row in rows})
+    steps = sorted({row["steps"] for row in rows if row["steps"]})
     section = "\n".join([
         f"{RESULTS_HEADING}", "",
         f"Written by `{command}` ({', '.join(map(str, steps))} steps per run, {wall_s / 60:.1f} minutes of wall "
@@ -210,11 +229,14 @@ def main(argv=None) -> int:
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of: {', '.join(ARMS)}")
     p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated seeds")
     p.add_argument("--steps", type=int, help="training steps per run (default: configs/ablation.yaml)")
+    p.add_argument("--jobs", type=int, default=2, help="training runs at a time, one core each (default 2)")
     p.add_argument("--work", type=Path, default=WORK_ROOT, help="parent of this invocation's work directory")
     args = p.parse_args(argv)
     try:
         arms = parse_list(args.arms, list(ARMS), "--arms")
         seeds = parse_list(args.seeds, None, "--seeds", int)
+        if args.jobs <= 0:
+            raise ConfigError(f"--jobs must be positive, got {args.jobs}")
         if args.steps is not None and args.steps <= 0:
             raise ConfigError(f"--steps must be positive, got {args.steps}")
         load_config(CONFIG)
@@ -224,7 +246,7 @@ def main(argv=None) -> int:
     work = args.work / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     work.mkdir(parents=True)
     start = time.perf_counter()
-    rows = run(arms, seeds, args.steps, work)
+    rows = run(arms, seeds, args.steps, work, args.jobs)
     wall_s = time.perf_counter() - start
     complete = arms == list(ARMS) and seeds == list(DEFAULT_SEEDS) and args.steps is None
     doc, plot = (DOC, PLOT) if complete else (work / DOC.name, work / PLOT.name)
