@@ -103,8 +103,10 @@ def evaluate(arm: Arm, model, cfg, labelled: dict, zeroshot_set) -> dict:
 
 
 def run(arms: list[str], seeds: list[int], steps: int | None, work: Path, jobs: int) -> list[dict]:
-    """Train every (arm, seed) `jobs` at a time (one single-threaded process each), then
-    probe every checkpoint in this process, one after the other."""
+    """Train every (arm, seed) `jobs` at a time (one single-threaded process each), seed by
+    seed, and probe each checkpoint as soon as it exists (one probe at a time): every
+    finished run is in results.jsonl even if the whole set is stopped early."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from lcl_megatron.data.labelled import load_labelled_set
@@ -114,43 +116,39 @@ def run(arms: list[str], seeds: list[int], steps: int | None, work: Path, jobs: 
 
     base = load_config(CONFIG)
     size = base.model.vision.image_size
-    runs = [(name, seed) for name in arms for seed in seeds]
-    trained = [(name, seed) for name, seed in runs if ARMS[name].data is not None]
-    started = time.perf_counter()
-
-    def train(name_seed):
-        name, seed = name_seed
-        run_dir = work / f"{name}-seed{seed}"
-        run_dir.mkdir(parents=True)
-        begin = time.perf_counter()
-        checkpoint = train_arm(ARMS[name], seed, run_dir, steps)
-        print(f"ablation: trained {name} seed {seed} in {time.perf_counter() - begin:.0f} s", flush=True)
-        return checkpoint, time.perf_counter() - begin
-
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        checkpoints = dict(zip(trained, pool.map(train, trained)))
-    train_s = time.perf_counter() - started
     labelled = load_labelled_set(LABELLED_SET, size)
     zeroshot_sets = {data: load_zeroshot_set(data, size) for data in (INTERLEAVED, PAIRS)}
+    probing = threading.Lock()
     rows = []
-    for name, seed in runs:
+
+    def one(name_seed) -> dict:
+        name, seed = name_seed
         arm = ARMS[name]
-        if arm.data is None:
-            cfg, model = untrained_model(load_config(CONFIG, [f"train.seed={seed}"]))
-            row, train_wall = evaluate(arm, model, cfg, labelled, None), 0.0
-        else:
-            checkpoint, train_wall = checkpoints[(name, seed)]
-            cfg, model = load_for_eval(checkpoint)
-            row = evaluate(arm, model, cfg, labelled, zeroshot_sets[arm.data])
-        row = {"arm": name, "seed": seed, "steps": 0 if arm.data is None else steps or base.train.steps, **row,
-               "train_s": round(train_wall, 1)}
-        rows.append(row)
-        with open(work / "results.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
-    print(f"ablation: training {train_s / 60:.1f} min ({jobs} at a time), probing "
-          f"{(time.perf_counter() - started - train_s) / 60:.1f} min", flush=True)
-    return rows
+        begin = time.perf_counter()
+        if arm.data is not None:
+            run_dir = work / f"{name}-seed{seed}"
+            run_dir.mkdir(parents=True)
+            checkpoint = train_arm(arm, seed, run_dir, steps)
+        train_s = time.perf_counter() - begin
+        with probing:
+            if arm.data is None:
+                cfg, model = untrained_model(load_config(CONFIG, [f"train.seed={seed}"]))
+                row = evaluate(arm, model, cfg, labelled, None)
+            else:
+                cfg, model = load_for_eval(checkpoint)
+                row = evaluate(arm, model, cfg, labelled, zeroshot_sets[arm.data])
+            row = {"arm": name, "seed": seed, "steps": 0 if arm.data is None else steps or base.train.steps, **row,
+                   "train_s": round(train_s, 1)}
+            rows.append(row)
+            with open(work / "results.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+        return row
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(one, [(name, seed) for seed in seeds for name in arms]))
+    order = {(name, seed): i for i, (name, seed) in enumerate((n, s) for n in arms for s in seeds)}
+    return sorted(rows, key=lambda row: order[(row["arm"], row["seed"])])
 
 
 def _cell(values: list[float], percent: bool) -> str:
@@ -205,14 +203,15 @@ def write_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_results(rows: list[dict], doc: Path, plot: Path, wall_s: float, command: str) -> None:
+def write_results(rows: list[dict], doc: Path, plot: Path, wall_s: float | None, command: str) -> None:
     from lcl_megatron.utils import write_markdown_section
 
     steps = sorted({row["steps"] for row in rows if row["steps"]})
+    wall = f", {wall_s / 60:.1f} minutes of wall time on this machine" if wall_s is not None else ""
     section = "\n".join([
         f"{RESULTS_HEADING}", "",
-        f"Written by `{command}` ({', '.join(map(str, steps))} steps per run, {wall_s / 60:.1f} minutes of wall "
-        f"time on this machine). Top-1 in %, mean ± standard deviation over seeds, on the {rows[0]['num_test']} "
+        f"Written by `{command}` ({', '.join(map(str, steps))} steps per run{wall}). Top-1 in %, "
+        f"mean ± standard deviation over seeds, on the {rows[0]['num_test']} "
         f"held-out scenes (probes fitted on {rows[0]['num_train']} scenes of training scans).", "",
         results_table(rows), "",
         f"![probe accuracy per arm, one point per seed]({plot.name})", "",
@@ -231,7 +230,21 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, help="training steps per run (default: configs/ablation.yaml)")
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time, one core each (default 2)")
     p.add_argument("--work", type=Path, default=WORK_ROOT, help="parent of this invocation's work directory")
+    p.add_argument("--report", type=Path, help="train nothing: write the results section and plot of the runs "
+                                               "in this results.jsonl (e.g. of a set stopped early) into docs/")
     args = p.parse_args(argv)
+    if args.report:
+        try:
+            rows = [json.loads(line) for line in args.report.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as e:
+            print(f"ablation: cannot read --report {args.report}: {e}", file=sys.stderr)
+            return 2
+        if not rows:
+            print(f"ablation: --report {args.report} holds no runs", file=sys.stderr)
+            return 2
+        write_results(rows, DOC, PLOT, None, f"python -m lcl_megatron.ablation --report {args.report}")
+        print(results_table(rows))
+        return 0
     try:
         arms = parse_list(args.arms, list(ARMS), "--arms")
         seeds = parse_list(args.seeds, None, "--seeds", int)
