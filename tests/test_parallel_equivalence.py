@@ -85,7 +85,15 @@ OBJECTIVES = {
 
 @pytest.fixture(scope="module")
 def single_by_objective(tmp_path_factory):
-    return {name: _train(tmp_path_factory.mktemp(name), "single", 1, weights) for name, weights in OBJECTIVES.items()}
+    """The one-process run of an objective, trained when a test first needs it."""
+    runs = {}
+
+    def single(name):
+        if name not in runs:
+            runs[name] = _train(tmp_path_factory.mktemp(name), "single", 1, OBJECTIVES[name])
+        return runs[name]
+
+    return single
 
 
 @pytest.mark.slow
@@ -93,4 +101,4 @@ def single_by_objective(tmp_path_factory):
 @pytest.mark.parametrize("layout", ["dp2_zero3", "pp2", "tp2"])
 def test_objective_under_layout_matches_single_process(tmp_path, single_by_objective, objective, layout):
     nproc, overrides = LAYOUTS[layout]
-    _assert_same(single_by_objective[objective], _train(tmp_path, layout, nproc, overrides + OBJECTIVES[objective]))
+    _assert_same(single_by_objective(objective), _train(tmp_path, layout, nproc, overrides + OBJECTIVES[objective]))

@@ -156,7 +156,7 @@ def untrained_model(cfg):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="lcl eval probe", description=__doc__.split("\n\n")[0],
-                                epilog="\n\n".join(__doc__.split("\n\n")[2:]),
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint or run directory to probe")
