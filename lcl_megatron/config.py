@@ -350,6 +350,8 @@ def validate_config(cfg: Config, check_data: bool = True) -> None:
     _require(cfg.loss.generation_weight >= 0, "loss.generation_weight", "must be >= 0")
     _require(cfg.loss.contrastive_weight >= 0, "loss.contrastive_weight", "must be >= 0")
     _require(cfg.loss.regression_weight >= 0, "loss.regression_weight", "must be >= 0")
+    _require(cfg.loss.generation_weight + cfg.loss.contrastive_weight + cfg.loss.regression_weight > 0,
+             "loss.generation_weight", "and the contrastive and regression weights are all 0: nothing to train")
     _require(p.tp >= 1, "parallel.tp", f"must be >= 1, got {p.tp}")
     _require(p.pp >= 1, "parallel.pp", f"must be >= 1, got {p.pp}")
     _require(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")

@@ -81,3 +81,11 @@ def test_batch_without_pairs_gives_no_nan(model, impl):
     assert out["num_pairs"] == 0 and out["regression_loss"] == 0 and out["contrastive_loss"] == 0
     torch.testing.assert_close(out["loss"], out["generation_loss"])
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_config_refuses_a_loss_with_every_weight_zero():
+    from lcl_megatron.config import ConfigError, load_config
+
+    load_config(None, ["loss.generation_weight=0", "loss.regression_weight=0.5"])
+    with pytest.raises(ConfigError, match="nothing to train"):
+        load_config(None, ["loss.generation_weight=0", "loss.contrastive_weight=0"])
