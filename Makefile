@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast docs clean wheelhouse gpu-check
+.PHONY: setup demo test test-fast docs clean wheelhouse gpu-check ablation
 
 setup: $(STAMP)
 
@@ -21,6 +21,13 @@ $(STAMP): requirements.txt requirements-oracle.txt pyproject.toml
 
 demo: setup
 	$(VENV)/bin/lcl train --config configs/demo.yaml
+
+# The LCL paper's Table 1 in miniature (docs/ablation.md); ARMS=lcl,emu SEEDS=0 runs a subset.
+ARMS ?= untrained,lcl,generation,emu,contrastive,pairs-lcl,pairs-contrastive
+SEEDS ?= 0,1,2
+JOBS ?= 2
+ablation: setup
+	OMP_NUM_THREADS=1 $(PY) -m lcl_megatron.ablation --arms $(ARMS) --seeds $(SEEDS) --jobs $(JOBS)
 
 test: setup
 	$(PY) -m pytest -q tests

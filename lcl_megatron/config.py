@@ -130,6 +130,8 @@ class LossConfig:
     """weight of the next-token generation loss"""
     contrastive_weight: float = 0.1
     """weight of the contrastive loss between each image latent and the LM output before it"""
+    regression_weight: float = 0.0
+    """weight of the Emu-like regression of each image latent from the LM output before it (0: off, as in LCL)"""
     impl: str = "fused"
     """fused (kernels/: chunked, never all logits at once) or torch (plain)"""
 
@@ -548,6 +550,9 @@ def validate_config(cfg: Config, check_data: bool = True) -> None:
     _require(cfg.loss.impl in ("torch", "fused"), "loss.impl", f"must be 'torch' or 'fused', got {cfg.loss.impl!r}")
     _require(cfg.loss.generation_weight >= 0, "loss.generation_weight", "must be >= 0")
     _require(cfg.loss.contrastive_weight >= 0, "loss.contrastive_weight", "must be >= 0")
+    _require(cfg.loss.regression_weight >= 0, "loss.regression_weight", "must be >= 0")
+    _require(cfg.loss.generation_weight + cfg.loss.contrastive_weight + cfg.loss.regression_weight > 0,
+             "loss.generation_weight", "and the contrastive and regression weights are all 0: nothing to train")
     _require(p.tp >= 1, "parallel.tp", f"must be >= 1, got {p.tp}")
     _require(p.pp >= 1, "parallel.pp", f"must be >= 1, got {p.pp}")
     _require(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")

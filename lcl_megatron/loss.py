@@ -1,4 +1,5 @@
-"""The LCL losses: next-token generation and image-latent / context contrastive.
+"""The LCL losses: next-token generation, image-latent / context contrastive, and
+the Emu-like regression of each image latent from the context before it.
 
 Both are computed as sums over this rank's rows and normalised by global
 counts (all data-parallel ranks together), so that the data-parallel average
@@ -120,7 +121,25 @@ def token_cross_entropy_sum(hidden, output_layer, targets, vocab_size: int, impl
     return vocab_parallel_cross_entropy(logits, targets).sum()
 
 
-def combine_losses(gen_sum, num_tokens, con_sum, num_pairs, *, generation_weight, contrastive_weight, group=None):
+def zero_keeping_graph(*tensors) -> torch.Tensor:
+    """An exact zero that depends on `tensors` (empty ones included): a skipped term
+    still hands every parameter behind them a (zero) gradient."""
+    return sum(t.sum() for t in tensors) * 0.0
+
+
+def regression_loss_sum(image_features, context_features):
+    """Sum over pairs of the squared L2 distance between each L2-normalised image latent
+    and the context feature that precedes it (the Emu-like objective: predict the next
+    image's latent by regression, in the space the contrastive term uses).
+
+    Nothing keeps the latents apart, so the objective is minimised by latents that all
+    coincide: this is the collapse the contrastive term prevents.
+    """
+    return (context_features - image_features).square().sum()
+
+
+def combine_losses(gen_sum, num_tokens, con_sum, num_pairs, reg_sum=None, *, generation_weight, contrastive_weight,
+                   regression_weight=0.0, group=None):
     """Normalise the per-rank sums by global counts.
 
     Returns a dict whose tensors, averaged over the data-parallel group (as
@@ -130,9 +149,11 @@ def combine_losses(gen_sum, num_tokens, con_sum, num_pairs, *, generation_weight
     counts = _all_reduce_sum(torch.stack([num_tokens, num_pairs]).float(), group)
     total_tokens, total_pairs = counts[0].clamp(min=1), counts[1]
     generation = gen_sum * (world / total_tokens)
-    # Without any image pair in the global batch con_sum is an exact zero that keeps the graph whole;
-    # the clamp keeps its gradient zero too (and no host read decides between the cases).
-    contrastive = con_sum * (world / total_pairs.clamp(min=1))
-    loss = generation_weight * generation + contrastive_weight * contrastive
+    # Without any image pair in the global batch the sums are exact zeros that keep the graph whole;
+    # the clamp keeps their gradients zero too (and no host read decides between the cases).
+    per_pair = world / total_pairs.clamp(min=1)
+    contrastive = con_sum * per_pair
+    regression = (reg_sum if reg_sum is not None else con_sum.new_zeros(())) * per_pair
+    loss = generation_weight * generation + contrastive_weight * contrastive + regression_weight * regression
     return {"loss": loss, "generation_loss": generation.detach(), "contrastive_loss": contrastive.detach(),
-            "num_tokens": total_tokens, "num_pairs": total_pairs}
+            "regression_loss": regression.detach(), "num_tokens": total_tokens, "num_pairs": total_pairs}

@@ -73,3 +73,32 @@ def test_training_changes_parameters(single, tmp_path):
     """The comparison above is meaningful: three steps move the weights away from their init."""
     metrics, params = single
     assert metrics[-1]["loss"] < metrics[0]["loss"]
+
+
+# Objectives chosen by weight (Emu-like regression, a term switched off) under the layouts that
+# gather parameters (ZeRO-3), split the loss over stages (pipeline) or shard the heads (tensor parallel).
+OBJECTIVES = {
+    "emu": ["loss.generation_weight=1", "loss.contrastive_weight=0", "loss.regression_weight=1"],
+    "contrastive_only": ["loss.generation_weight=0", "loss.contrastive_weight=1"],
+}
+
+
+@pytest.fixture(scope="module")
+def single_by_objective(tmp_path_factory):
+    """The one-process run of an objective, trained when a test first needs it."""
+    runs = {}
+
+    def single(name):
+        if name not in runs:
+            runs[name] = _train(tmp_path_factory.mktemp(name), "single", 1, OBJECTIVES[name])
+        return runs[name]
+
+    return single
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+@pytest.mark.parametrize("layout", ["dp2_zero3", "pp2", "tp2"])
+def test_objective_under_layout_matches_single_process(tmp_path, single_by_objective, objective, layout):
+    nproc, overrides = LAYOUTS[layout]
+    _assert_same(single_by_objective(objective), _train(tmp_path, layout, nproc, overrides + OBJECTIVES[objective]))

@@ -13,7 +13,7 @@ from torch import nn
 
 from lcl_megatron import tokens
 from lcl_megatron.config import Config, ModelConfig
-from lcl_megatron.loss import combine_losses, contrastive_loss_sum
+from lcl_megatron.loss import combine_losses, contrastive_loss_sum, regression_loss_sum, zero_keeping_graph
 from lcl_megatron.model.language_model import LanguageModel
 from lcl_megatron.model.layers import (default_ffn_hidden_size, llama_ffn_hidden_size, transformer_config)
 from lcl_megatron.model.pool_project import AttentivePoolProject
@@ -95,7 +95,8 @@ class LCLModel(nn.Module):
                     checkpoint_vit=cfg.parallel.activation_checkpointing_vit,
                     checkpoint_lm=cfg.parallel.activation_checkpointing_lm)
         model.loss_weights = {"generation_weight": cfg.loss.generation_weight,
-                              "contrastive_weight": cfg.loss.contrastive_weight}
+                              "contrastive_weight": cfg.loss.contrastive_weight,
+                              "regression_weight": cfg.loss.regression_weight}
         model.loss_impl = model.text.lm_head.impl = cfg.loss.impl
         if cfg.model.init == "reference" and not model.logit_scale.is_meta:
             from lcl_megatron.model.init import reference_init_
@@ -159,22 +160,32 @@ def encode_images_always(visual, pool_project, images: torch.Tensor, image_size:
 
 
 def lcl_losses(latents, hidden, input_ids, attention_mask, position_ids=None, *, context_head, lm_head, scale, impl,
-               generation_weight, contrastive_weight):
-    """Both LCL losses from the image latents [N, D] and the LM outputs [B, L, D].
+               generation_weight, contrastive_weight, regression_weight=0.0):
+    """The LCL losses from the image latents [N, D] and the LM outputs [B, L, D].
 
-    Shared by the plain model and the last pipeline stage.
+    Shared by the plain model and the last pipeline stage. A term of weight 0 is
+    not computed: its heads run on zero rows instead, so that every parameter
+    still takes part (with exact zero gradients) and the gradient reductions and
+    ZeRO gathers stay the same whatever the weights.
     """
     dp_group = parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None
     ctx = context_positions(input_ids, attention_mask, position_ids)
     has_context = ctx[input_ids == tokens.SOI_ID]  # per image, in row-major order
-    image_feats = F.normalize(latents[has_context].float(), dim=-1)
-    context_feats = context_head(hidden[ctx])
-    con_sum = contrastive_loss_sum(image_feats, context_feats, scale, dp_group, impl)
+    pairs = slice(None) if contrastive_weight > 0 or regression_weight > 0 else slice(0)
+    image_feats = F.normalize(latents[has_context][pairs].float(), dim=-1)
+    context_feats = context_head(hidden[ctx][pairs])
+    if contrastive_weight > 0:
+        con_sum = contrastive_loss_sum(image_feats, context_feats, scale, dp_group, impl)
+    else:
+        con_sum = zero_keeping_graph(image_feats, context_feats, scale)
+    reg_sum = regression_loss_sum(image_feats, context_feats) if regression_weight > 0 else None
 
     gen_mask, targets = generation_targets(input_ids, attention_mask, position_ids)
-    gen_sum = lm_head(hidden[:, :-1][gen_mask], targets)
-    out = combine_losses(gen_sum, gen_mask.sum(), con_sum, has_context.sum(), group=dp_group,
-                         generation_weight=generation_weight, contrastive_weight=contrastive_weight)
+    rows = slice(None) if generation_weight > 0 else slice(0)
+    gen_sum = lm_head(hidden[:, :-1][gen_mask][rows], targets[rows])
+    out = combine_losses(gen_sum, gen_mask.sum(), con_sum, has_context.sum(), reg_sum, group=dp_group,
+                         generation_weight=generation_weight, contrastive_weight=contrastive_weight,
+                         regression_weight=regression_weight)
     out["logit_scale"] = scale.detach()
     return out
 

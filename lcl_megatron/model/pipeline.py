@@ -77,7 +77,7 @@ class LossStage(nn.Module):
         self.context_head, self.lm_head, self.logit_scale = model.text.context_head, model.text.lm_head, model.logit_scale
         self.sequence_parallel = model.text.sequence_parallel
         self.loss_impl, self.loss_weights = model.loss_impl, model.loss_weights
-        self.last_metrics: list[torch.Tensor] = []  # per micro-batch (generation, contrastive, logit_scale)
+        self.last_metrics: list[torch.Tensor] = []  # per micro-batch (generation, contrastive, regression, logit_scale)
 
     def forward(self, inputs):
         hidden, latents, num_images, input_ids, attention_mask = inputs
@@ -87,7 +87,8 @@ class LossStage(nn.Module):
         out = lcl_losses(latents[: int(num_images.item())], hidden.transpose(0, 1), input_ids, attention_mask.bool(),
                          context_head=self.context_head, lm_head=self.lm_head, scale=scale, impl=self.loss_impl,
                          **self.loss_weights)
-        self.last_metrics.append(torch.stack([out["generation_loss"], out["contrastive_loss"], out["logit_scale"]]))
+        self.last_metrics.append(torch.stack([out["generation_loss"], out["contrastive_loss"], out["regression_loss"],
+                                              out["logit_scale"]]))
         return out["loss"]
 
 

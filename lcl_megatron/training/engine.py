@@ -200,24 +200,25 @@ def plain_train_step(engine, batches, cfg: Config, step: int) -> dict:
     the engine holds it; the caller reads it only on logged steps.
     """
     accumulation = cfg.train.grad_accumulation
-    sums = torch.zeros(7, device=engine.device)  # loss, generation, contrastive, logit_scale, tokens, images, samples
+    # loss, generation, contrastive, regression, logit_scale, tokens, images, samples
+    sums = torch.zeros(8, device=engine.device)
     for micro in range(accumulation):
         batch = batch_to_device(next(batches), engine.device)
         out = engine(batch["images"], batch["input_ids"], batch["attention_mask"],
                      batch.get("position_ids"), batch.get("cu_seqlens"))
         engine.backward(out["loss"])
-        sums[:5] += torch.stack([out["loss"].detach().float(), out["generation_loss"].float(),
-                                 out["contrastive_loss"].float(), out["logit_scale"].float(),
-                                 batch["attention_mask"].sum().float()])
-        sums[5] += batch["images"].shape[0]
-        sums[6] += samples_in(batch)
+        sums[:6] += torch.stack([out["loss"].detach().float(), out["generation_loss"].float(),
+                                 out["contrastive_loss"].float(), out["regression_loss"].float(),
+                                 out["logit_scale"].float(), batch["attention_mask"].sum().float()])
+        sums[6] += batch["images"].shape[0]
+        sums[7] += samples_in(batch)
         if micro == accumulation - 1:  # the next engine.step() updates the weights
-            loss, generation, contrastive, logit_scale, tokens, images, samples = \
+            loss, generation, contrastive, regression, logit_scale, tokens, images, samples = \
                 _dp_mean(sums / accumulation).cpu().tolist()
-            if not math.isfinite(loss + generation + contrastive):
+            if not math.isfinite(loss + generation + contrastive + regression):
                 raise _non_finite_error(step, loss, generation, contrastive, "stopping before the update")
         engine.step()
-    return {"loss": loss, "generation_loss": generation, "contrastive_loss": contrastive,
+    return {"loss": loss, "generation_loss": generation, "contrastive_loss": contrastive, "regression_loss": regression,
             "logit_scale": logit_scale, "grad_norm": engine.get_global_grad_norm(),
             "tokens": tokens * accumulation, "images": images * accumulation, "samples": samples * accumulation}
 
@@ -245,7 +246,7 @@ def pipeline_train_step(engine, batches, cfg: Config, step: int) -> dict:
     first, last = engine.is_first_stage(), engine.is_last_stage()
     # Later stages take their inputs from the previous one; `batches` holds the last stage's placeholder labels.
     loss = engine.train_batch(data_iter=micro_batches() if first else batches if last else None)
-    metrics = torch.zeros(4, device=engine.device)  # loss, generation, contrastive, logit_scale
+    metrics = torch.zeros(5, device=engine.device)  # loss, generation, contrastive, regression, logit_scale
     if last:
         stage = next(m for m in engine.module.modules() if isinstance(m, LossStage))
         per_micro = torch.stack(stage.last_metrics).mean(0)
@@ -259,10 +260,11 @@ def pipeline_train_step(engine, batches, cfg: Config, step: int) -> dict:
     dist.broadcast(metrics, src=src)
     if first:
         counts = _dp_mean(counts)
-    loss, generation, contrastive, logit_scale, tokens, images, samples = torch.cat([metrics, counts]).cpu().tolist()
-    if not math.isfinite(loss + generation + contrastive):
+    loss, generation, contrastive, regression, logit_scale, tokens, images, samples = \
+        torch.cat([metrics, counts]).cpu().tolist()
+    if not math.isfinite(loss + generation + contrastive + regression):
         raise _non_finite_error(step, loss, generation, contrastive, "stopping")
-    return {"loss": loss, "generation_loss": generation, "contrastive_loss": contrastive,
+    return {"loss": loss, "generation_loss": generation, "contrastive_loss": contrastive, "regression_loss": regression,
             "logit_scale": logit_scale, "grad_norm": engine.get_global_grad_norm(), "tokens": tokens, "images": images,
             "samples": samples}
 

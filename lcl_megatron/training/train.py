@@ -206,7 +206,8 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
             log.advance()
             if step % cfg.logging.every == 0 or step == stop_at:
                 last = {"step": step, "loss": metrics["loss"], "contrastive_loss": metrics["contrastive_loss"],
-                        "generation_loss": metrics["generation_loss"], "lr": engine.get_lr()[0],
+                        "generation_loss": metrics["generation_loss"], "regression_loss": metrics["regression_loss"],
+                        "lr": engine.get_lr()[0],
                         "grad_norm": grad_norm_value(metrics["grad_norm"]), "logit_scale": metrics["logit_scale"],
                         "samples_per_s": metrics["samples"] * dp_size / elapsed,
                         "tokens_per_s": metrics["tokens"] * dp_size / elapsed,
