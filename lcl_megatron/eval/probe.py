@@ -156,7 +156,8 @@ def untrained_model(cfg):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="lcl eval probe", description=__doc__.split("\n\n")[0],
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]) + "\n\nexample:\n  lcl eval probe "
+                                       "--checkpoint runs/demo --data embedded:digit-scenes",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint or run directory to probe")
