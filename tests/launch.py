@@ -37,6 +37,13 @@ def run_lcl(args: list[str], nproc: int = 1, timeout: float = 600, check: bool =
     return proc
 
 
+def with_overrides(base: list[str], *extra: str) -> list[str]:
+    """`base` key=value overrides with the keys that `extra` sets replaced by its values
+    (`lcl` refuses a key given twice)."""
+    given = {e.split("=", 1)[0] for e in extra if "=" in e}
+    return [b for b in base if b.split("=", 1)[0] not in given] + list(extra)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "loss" in r]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.launch import read_metrics, run_lcl
+from tests.launch import read_metrics, run_lcl, with_overrides
 from tests.test_parallel_equivalence import TINY
 
 CAP = math.log(100)
@@ -19,9 +19,9 @@ CAP = math.log(100)
 
 def _train(tmp_path, nproc=1, *layout):
     run_dir = tmp_path / "run"
-    run_lcl(["train", "--config", "configs/demo.yaml", *TINY, "train.steps=2", "train.micro_batch_size=4",
-             "model.init_logit_scale=5.0", "optim.lr=1e-2", "schedule.warmup_steps=0", f"run.dir={run_dir}",
-             *layout], nproc=nproc)
+    run_lcl(["train", "--config", "configs/demo.yaml",
+             *with_overrides(TINY, "train.steps=2", "train.micro_batch_size=4", "model.init_logit_scale=5.0",
+                             "optim.lr=1e-2", "schedule.warmup_steps=0", *layout), f"run.dir={run_dir}"], nproc=nproc)
     metrics = read_metrics(run_dir)
     saved = load_file(str(run_dir / "checkpoints" / "step_00000002" / "model.safetensors"))["logit_scale"]
     return metrics, saved

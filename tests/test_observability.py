@@ -5,16 +5,17 @@ import json
 import pytest
 
 from tests.launch import run_lcl
-from tests.test_train import BASE
+from tests.test_train import with_base
 
 pytestmark = pytest.mark.slow
 
 
 def test_log_file_progress_profiler_and_wandb_across_a_resume(tmp_path):
     run_dir = tmp_path / "run"
-    common = ["train", "--config", "configs/demo.yaml", *BASE, f"run.dir={run_dir}", "train.steps=4",
-              "checkpoint.every=2", "data.heldout=", "logging.every=1", "logging.progress=true",
-              "logging.tensorboard=false", "logging.wandb=true", "logging.wandb_project=lcl-test"]
+    common = ["train", "--config", "configs/demo.yaml", f"run.dir={run_dir}",
+              *with_base("train.steps=4", "checkpoint.every=2", "data.heldout=", "logging.every=1",
+                         "logging.progress=true", "logging.tensorboard=false", "logging.wandb=true",
+                         "logging.wandb_project=lcl-test")]
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     first = run_lcl(common + ["train.exit_interval=2"], env=env)
     second = run_lcl(common + ["train.profile_steps=3:3", "--resume"], env=env)

@@ -7,7 +7,7 @@ import pytest
 from safetensors.torch import load_file
 
 from lcl_megatron.training.checkpoint import COMPLETE, complete_checkpoints, newest_checkpoint
-from tests.launch import read_metrics, run_lcl
+from tests.launch import read_metrics, run_lcl, with_overrides
 from tests.test_parallel_equivalence import TINY
 
 BASE = [t for t in TINY if not t.startswith(("train.steps", "data.split", "data.heldout"))] + ["train.micro_batch_size=4"]
@@ -16,9 +16,7 @@ KEYS = {"step", "loss", "contrastive_loss", "generation_loss", "lr", "grad_norm"
 
 
 def with_base(*extra) -> list[str]:
-    """BASE with the keys `extra` sets replaced (a key given twice is an error)."""
-    given = {e.split("=", 1)[0] for e in extra if "=" in e}
-    return [b for b in BASE if b.split("=", 1)[0] not in given] + list(extra)
+    return with_overrides(BASE, *extra)
 
 
 def train(run_dir, *extra, resume=False, check=True):

@@ -9,13 +9,12 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from safetensors.torch import load as load_safetensors_bytes
 
 from lcl_megatron.config import Config, ConfigError, config_from_dict
 from lcl_megatron.convert.native import CheckpointMismatch, check_tensors
 from lcl_megatron.convert.output import mark_directory
-from lcl_megatron.training.checkpoint import (CONFIG_FILE, MODEL_FILE, CheckpointError, resolve_checkpoint,
-                                              save_model_file, verify_checkpoint, write_manifest)
+from lcl_megatron.training.checkpoint import (CONFIG_FILE, MODEL_FILE, CheckpointError, load_safetensors_bytes,
+                                              resolve_checkpoint, save_model_file, verify_checkpoint, write_manifest)
 from lcl_megatron.utils import follow_umask
 
 

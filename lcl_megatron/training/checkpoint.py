@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-from safetensors.torch import load as load_safetensors_bytes, save_file
+from safetensors.torch import load as _load_safetensors, save_file
 
 from lcl_megatron.errors import UserError
 from lcl_megatron.utils import atomic_write, atomic_write_text
@@ -219,6 +219,12 @@ def prune(root: Path, keep: int, upto: str) -> None:
 def save_model_file(state_dict: dict, path: Path) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def load_safetensors_bytes(data: bytes) -> dict:
+    """The tensors of a safetensors file's bytes, in name order as `load_file` gives them
+    (safetensors' own `load` returns them in an order that changes from run to run)."""
+    return dict(sorted(_load_safetensors(data).items()))
 
 
 def load_model_file(path: Path) -> dict:

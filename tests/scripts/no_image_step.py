@@ -13,7 +13,9 @@ import torch.distributed as dist
 from lcl_megatron import tokens
 from lcl_megatron.config import load_config
 from lcl_megatron.parallel import init_distributed
+from lcl_megatron.training.batches import reads_data
 from lcl_megatron.training.engine import build_engine, build_model, is_pipeline, pipeline_train_step, plain_train_step
+from lcl_megatron.training.train import micro_batch_source
 
 
 def batch(cfg, with_images: bool) -> dict:
@@ -48,7 +50,9 @@ def main():
         while True:
             yield batch(cfg, with_images)
 
-    it = batches()
+    # As `lcl train` feeds the step: read by one rank per tensor-parallel group, nothing on later stages.
+    reader = reads_data(parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank())
+    it = micro_batch_source(batches(), engine, reader)
     for step in range(1, 3):
         metrics = step_fn(engine, it, cfg, step)
         assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if k != "grad_norm"), metrics
