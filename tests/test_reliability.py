@@ -135,7 +135,7 @@ def test_resume_sets_a_damaged_checkpoint_aside_and_continues_from_the_one_befor
     assert snapshot(run_dir / "checkpoints" / f"{STEP2}.damaged") == damaged  # kept for the user, untouched
     assert [c.name for c in complete_checkpoints(run_dir / "checkpoints")] == [STEP2, "step_00000003"]
     metrics = read_metrics(run_dir)
-    assert [m["step"] for m in metrics] == [1, 2, 2, 3]  # the first run's two steps, then steps 2-3 again
+    assert [m["step"] for m in metrics] == [1, 2, 3]  # step 2 of the first run is replaced by its rerun
     assert all(m["loss"] == m["loss"] for m in metrics)  # not NaN: the damaged state was never loaded
 
 

@@ -56,7 +56,8 @@ class MetricsLogger:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}", **skipped)
         if self.lines:
             extra = f", MFU {record['mfu']:.1%}" if "mfu" in record else ""
-            extra += "".join(f", skipped {reason} {count}" for reason, count in skipped.items())
+            if skipped:
+                extra += ", skipped " + " ".join(f"{reason}={count}" for reason, count in skipped.items())
             print(f"step {record['step']}/{self.total_steps}: loss {record['loss']:.4f}, "
                   f"{record['samples_per_s']:.1f} samples/s{extra}", file=sys.stderr, flush=True)
 

@@ -155,7 +155,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     train_step = pipeline_train_step if is_pipeline(engine) else plain_train_step
     loader = build_loader(cfg, dp_rank, dp_size)
     if is_main_process():
-        print(f"lcl train: {describe_backends(cfg, engine, loader)}", file=sys.stderr)
+        print(f"lcl train: {describe_backends(cfg, engine, loader)}", flush=True)
 
     def save(step: int) -> Path:
         try:
