@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lcl_megatron.data.shards import read_shard, write_shard
-from tests.launch import read_metrics, run_lcl
+from tests.launch import read_metrics, run_lcl, with_overrides
 from tests.test_parallel_equivalence import TINY
 
 BASE = [t for t in TINY if not t.startswith(("train.steps", "data.split"))]
@@ -52,9 +52,10 @@ def sets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, sets):
     run_dir = tmp_path_factory.mktemp("run") / "run"
-    run_lcl(["train", "--config", "configs/demo.yaml", *BASE, "train.samples=10", "train.micro_batch_size=4",
-             "eval.every=3", f"eval.zeroshot=[embedded:digits, {sets['folder']}]", "eval.retrieval=[embedded:digits]",
-             "eval.batch_size=16", f"run.dir={run_dir}"])
+    run_lcl(["train", "--config", "configs/demo.yaml",
+             *with_overrides(BASE, "train.samples=10", "train.micro_batch_size=4", "eval.every=3",
+                             f"eval.zeroshot=[embedded:digits, {sets['folder']}]", "eval.retrieval=[embedded:digits]",
+                             "eval.batch_size=16"), f"run.dir={run_dir}"])
     return run_dir
 
 
@@ -160,7 +161,7 @@ def test_data_sample_writes_the_steps_batch_for_eval_loss(run, tmp_path):
     from lcl_megatron.config import load_config
     from lcl_megatron.data.global_batch import build_loader
 
-    overrides = [*BASE, "train.micro_batch_size=4", "train.grad_accumulation=2"]
+    overrides = with_overrides(BASE, "train.micro_batch_size=4", "train.grad_accumulation=2")
     out, png = tmp_path / "b.pt", tmp_path / "b.png"
     result = last_json(run_lcl(["data", "sample", "--config", "configs/demo.yaml", "--step", "2", "--out", str(out),
                                 "--png", str(png), *overrides]))
@@ -195,9 +196,10 @@ def test_eval_every_under_partitioned_layouts_sees_the_whole_model(tmp_path, lay
     """ZeRO-3 partitions and pipeline stages hold parts of the model: the evaluation during training
     must score the same weights that `lcl eval` reads back from the step's consolidated checkpoint."""
     run_dir = tmp_path / "run"
-    run_lcl(["train", "--config", "configs/demo.yaml", *BASE, "train.steps=2", "train.micro_batch_size=4",
-             "checkpoint.every=2", "eval.every=2", "eval.zeroshot=[embedded:digits]",
-             "eval.retrieval=[embedded:digits]", f"run.dir={run_dir}", *layout], nproc=2)
+    run_lcl(["train", "--config", "configs/demo.yaml",
+             *with_overrides(BASE, "train.steps=2", "train.micro_batch_size=4", "checkpoint.every=2", "eval.every=2",
+                             "eval.zeroshot=[embedded:digits]", "eval.retrieval=[embedded:digits]", *layout),
+             f"run.dir={run_dir}"], nproc=2)
     during = next(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                   if "zeroshot/embedded_digits/top1" in line)
     ckpt = str(run_dir / "checkpoints" / "step_00000002")

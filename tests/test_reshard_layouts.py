@@ -18,7 +18,7 @@ import subprocess
 
 import pytest
 
-from tests.launch import free_port, read_metrics, run_lcl
+from tests.launch import free_port, read_metrics, run_lcl, with_overrides
 from tests.test_parallel_equivalence import GLOBAL_BATCH, TINY
 
 STEPS = 4
@@ -124,7 +124,7 @@ def test_canonical_state_round_trip_into_another_engine(tmp_path):
     write_consolidated(source, saved, vocab)
     write_manifest(saved, {"step": 1})
 
-    target_cfg = load_config("configs/demo.yaml", [*tiny, "parallel.zero_stage=3", "train.seed=99"])
+    target_cfg = load_config("configs/demo.yaml", with_overrides(tiny, "parallel.zero_stage=3", "train.seed=99"))
     target = build_engine(target_cfg, build_model(target_cfg))
     assert load_canonical_state(target, saved)["step"] == 1
     second = save_canonical(target, target_cfg, tmp_path / "again")
