@@ -59,8 +59,9 @@ def test_reshard_tp2_pp2_dp2_in_one_process_then_pp2_and_dp2_zero3_continue_alik
 
     original = tmp_path / "tp2_pp2_dp2"
     tiny = [t for t in TINY if not t.startswith("train.steps=")]  # _train sets it (a key given twice is refused)
-    _train(original, 8, "--config", "configs/demo.yaml", *tiny, "parallel.tp=2", "parallel.pp=2",
-           "parallel.zero_stage=1", f"train.micro_batch_size={GLOBAL_BATCH // 2}", "checkpoint.every=2")
+    _train(original, 8, "--config", "configs/demo.yaml",
+           *with_overrides(tiny, "parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1",
+                           f"train.micro_batch_size={GLOBAL_BATCH // 2}", "checkpoint.every=2"))
     expected = read_metrics(original)
     assert [m["step"] for m in expected] == [1, 2, 3, 4]
     step2, step4 = "checkpoints/step_00000002", "checkpoints/step_00000004"
