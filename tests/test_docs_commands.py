@@ -44,6 +44,7 @@ SKIPPED = {
     "--time 1-00:00:00 data.path=/scratch/$USER/mmc4-shards run.dir=/scratch/$USER/runs/b32-mmc4 "
     "parallel.zero_stage=1": NEEDS_SLURM,
     "lcl convert inspect --checkpoint /scratch/$USER/runs/b32-mmc4": NEEDS_DATA,
+    "lcl eval zeroshot --checkpoint runs/x --data /data/imagenet/val --classnames imagenet # 80 templates": NEEDS_DATA,
     "lcl convert to-hf --checkpoint /scratch/$USER/runs/b32-mmc4 --out /scratch/$USER/exports/b32-mmc4-hf": NEEDS_DATA,
     "lcl convert to-openclip --checkpoint /scratch/$USER/runs/b32-mmc4 --out /scratch/$USER/exports/b32-mmc4.pt":
         NEEDS_DATA,
