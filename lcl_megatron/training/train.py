@@ -212,7 +212,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
                         "samples_per_s": metrics["samples"] * dp_size / elapsed,
                         "tokens_per_s": metrics["tokens"] * dp_size / elapsed,
                         "token_utilisation": metrics["tokens"] / tokens_per_step,
-                        "data_skipped": skipped_counts(loader, cfg)}
+                        "data_skipped": skipped_counts(loader, cfg, engine.device)}
                 if meter is not None:
                     last.update(meter.measure(elapsed, batches.waited, images=metrics["images"] * dp_size,
                                               tokens=metrics["tokens"] * dp_size))
@@ -242,7 +242,6 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
 def describe_backends(cfg: Config, engine, loader) -> str:
     """One line: what runs where, so a slow or surprising run shows its cause at the start."""
     import torch
-
     import torch.distributed as dist
 
     from kernels.attention import backend_name
@@ -259,7 +258,7 @@ def describe_backends(cfg: Config, engine, loader) -> str:
             f"losses {losses}; layers megatron-core with torch norms; {workers} loader worker(s) per reader")
 
 
-def skipped_counts(loader, cfg: Config) -> dict:
+def skipped_counts(loader, cfg: Config, device) -> dict:
     """Collective: input the loaders could not use since the start of this process, per reason,
     summed over the data-parallel ranks that read different shards."""
     import torch
@@ -268,10 +267,8 @@ def skipped_counts(loader, cfg: Config) -> dict:
 
     from lcl_megatron.data.loader import SKIP_REASONS
 
-    counts = torch.tensor([loader.stats.get(reason, 0) for reason in SKIP_REASONS], dtype=torch.long)
+    counts = torch.tensor([loader.stats.get(reason, 0) for reason in SKIP_REASONS], dtype=torch.long, device=device)
     if cfg.data.split == "shards" and parallel_state.get_data_parallel_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            counts = counts.cuda()
         dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
     return {reason: int(n) for reason, n in zip(SKIP_REASONS, counts.tolist()) if n}
 
