@@ -42,9 +42,9 @@ def lm_layers_per_stage(layers: int, pp: int, first_stage_layers: int = -1) -> l
     """LM layers on each pipeline stage: the first takes `first_stage_layers` (it also holds the
     ViT; -1: an even share), the rest are spread evenly over the other stages, earlier ones
     taking the remainder (the cut model/pipeline.py makes)."""
-    first = layers // pp if first_stage_layers < 0 or pp == 1 else first_stage_layers
     if pp == 1:
         return [layers]
+    first = layers // pp if first_stage_layers < 0 else first_stage_layers
     rest, others = layers - first, pp - 1
     return [first] + [rest // others + (1 if stage < rest % others else 0) for stage in range(others)]
 
