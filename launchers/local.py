@@ -35,7 +35,7 @@ def command(args) -> list[str]:
 
 def main(argv=None) -> int:
     from lcl_megatron.config import ConfigError, load_config
-    from lcl_megatron.config import check_layout
+    from lcl_megatron.layout import Layout
 
     args = parse_args(argv)
     try:
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
             raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
         if args.max_restarts < 0:
             raise ConfigError(f"--max-restarts must be >= 0, got {args.max_restarts}")
-        check_layout(load_config(args.config, args.overrides).parallel, args.nproc)
+        Layout.of(load_config(args.config, args.overrides), args.nproc)
     except ConfigError as e:
         print(f"lcl launch local: {e}", file=sys.stderr)
         return 2

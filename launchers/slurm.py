@@ -84,7 +84,7 @@ def partition_has_gpus(partition: str | None) -> bool | None:
 def build_spec(args) -> JobSpec:
     """Check the config and layout (ConfigError on bad input) and describe the job."""
     from lcl_megatron.config import ConfigError, load_config
-    from lcl_megatron.config import check_layout
+    from lcl_megatron.layout import Layout
 
     if args.nodes < 1:
         raise ConfigError(f"--nodes must be at least 1, got {args.nodes}")
@@ -105,7 +105,7 @@ def build_spec(args) -> JobSpec:
             init_from = str(resolve_checkpoint(os.path.abspath(args.init_from)))
         except FileNotFoundError as e:
             raise ConfigError(f"--init-from: {e}") from None
-    check_layout(cfg.parallel, args.nodes * args.gpus_per_node)
+    Layout.of(cfg, args.nodes * args.gpus_per_node)
     env = {}
     for item in args.env:
         name, sep, value = item.partition("=")

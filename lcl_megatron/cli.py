@@ -33,7 +33,7 @@ COMMANDS = {
     ("convert", "to-megatron-vision"): "lcl_megatron.convert.megatron_vision:main",
     ("convert", "reshard"): "lcl_megatron.convert.reshard:main",
     ("convert", "inspect"): "lcl_megatron.convert.inspect:main",
-    ("plan",): "lcl_megatron.plan:main",
+    ("plan",): "lcl_megatron.plan.cli:main",
     ("profile",): "lcl_megatron.bench.profile:main",
     ("bench", "kernels"): "kernels.bench:main",
     ("bench", "data"): "lcl_megatron.data.bench:main",

@@ -1,8 +1,9 @@
 """The run configuration: one typed schema, read from YAML with `key=value` overrides.
 
-Every check that can fail on user input runs here, before any model is built,
-and raises `ConfigError` with a one-line message naming the key; the CLI turns
-it into exit code 2.
+Every check that can fail on user input runs here (the parallel layout's in
+layout.py, which this module calls), before any model is built, and raises
+`ConfigError` with a one-line message naming the key; the CLI turns it into
+exit code 2.
 """
 
 from __future__ import annotations
@@ -19,11 +20,8 @@ from pathlib import Path
 import yaml
 
 from lcl_megatron import tokens
-from lcl_megatron.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A user error in the configuration: printed as one line, exit code 2."""
+from lcl_megatron.errors import ConfigError
+from lcl_megatron.layout import Layout
 
 
 @dataclass
@@ -48,6 +46,11 @@ class VisionConfig:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def ffn_width(self) -> int:
+        """The MLP hidden size of each ViT layer."""
+        return int(self.width * self.mlp_ratio)
 
 
 @dataclass
@@ -76,6 +79,14 @@ class TextConfig:
     """llama only: SwiGLU hidden size; 0: derived from mlp_ratio"""
     rotary_base: float = 10000.0
     """llama only: rotary position embedding base"""
+
+    @property
+    def ffn_width(self) -> int:
+        """The MLP hidden size of each LM layer: llama's ffn_hidden_size, or by default Llama's 2/3 of
+        4 x width rounded up to a multiple of 256 (SwiGLU); clip's width x mlp_ratio."""
+        if self.arch == "llama":
+            return self.ffn_hidden_size or 256 * math.ceil(int(2 * 4 * self.width / 3) / 256)
+        return int(self.width * self.mlp_ratio)
 
 
 @dataclass
@@ -553,24 +564,8 @@ def validate_config(cfg: Config, check_data: bool = True) -> None:
     _require(cfg.loss.regression_weight >= 0, "loss.regression_weight", "must be >= 0")
     _require(cfg.loss.generation_weight + cfg.loss.contrastive_weight + cfg.loss.regression_weight > 0,
              "loss.generation_weight", "and the contrastive and regression weights are all 0: nothing to train")
-    _require(p.tp >= 1, "parallel.tp", f"must be >= 1, got {p.tp}")
-    _require(p.pp >= 1, "parallel.pp", f"must be >= 1, got {p.pp}")
-    _require(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
-    _require(p.pp == 1 or p.zero_stage <= 1, "parallel.zero_stage",
-             f"must be 0 or 1 with pipeline parallelism (DeepSpeed's pipeline engine refuses more), got {p.zero_stage}")
-    _require(not p.sp or p.tp > 1, "parallel.sp", "needs parallel.tp > 1")
-    _require(not p.sp or cfg.model.text.context_length % p.tp == 0, "parallel.sp",
-             f"needs model.text.context_length ({cfg.model.text.context_length}) divisible by parallel.tp ({p.tp})")
-    _require(p.pp <= cfg.model.text.layers, "parallel.pp",
-             f"must not exceed model.text.layers ({cfg.model.text.layers}), got {p.pp}")
-    _require(p.pp_first_stage_layers < 0 or p.pp == 1 or p.pp_first_stage_layers <= cfg.model.text.layers - (p.pp - 1),
-             "parallel.pp_first_stage_layers",
-             f"must leave each of the other {p.pp - 1} stages an LM layer (at most {cfg.model.text.layers - p.pp + 1})")
-    _require(p.max_images >= 0, "parallel.max_images", "must be >= 0")
+    Layout.of(cfg)  # the layout's rules; its world is checked where it is known (Layout.of(cfg, world))
     _require(p.timeout_s > 0, "parallel.timeout_s", "must be positive")
-    for key, heads in (("model.vision", cfg.model.vision.heads), ("model.text", cfg.model.text.heads),
-                       ("model.text.num_query_groups", cfg.model.text.num_query_groups or cfg.model.text.heads)):
-        _require(heads % p.tp == 0, "parallel.tp", f"must divide the heads of {key} ({heads}), got {p.tp}")
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _require(cfg.logging.every >= 1, "logging.every", "must be >= 1")
@@ -590,9 +585,6 @@ def validate_config(cfg: Config, check_data: bool = True) -> None:
     _require(cfg.data.num_workers >= -1, "data.num_workers", f"must be >= 0, or -1 (auto), got {cfg.data.num_workers}")
     _require(cfg.data.split in ("shards", "samples"), "data.split", f"must be 'shards' or 'samples', got {cfg.data.split!r}")
     _require(cfg.data.pack_open_rows >= 1, "data.pack_open_rows", "must be >= 1")
-    _require(not cfg.data.packing or p.pp == 1, "data.packing", "is not supported with parallel.pp > 1 yet")
-    _require(not cfg.data.packing or cfg.model.text.arch == "clip", "data.packing",
-             "needs model.text.arch=clip (packed rotary positions are not supported yet)")
     _require(len(cfg.data.path) > 0, "data.path", "must name at least one dataset")
     if not check_data:
         return
@@ -616,11 +608,3 @@ def steps_for(train: TrainConfig, dp_size: int) -> int:
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
-
-def check_layout(parallel: ParallelConfig, world_size: int) -> int:
-    """The data-parallel size of `parallel` on `world_size` processes, or ConfigError naming the fix."""
-    model_parallel = parallel.tp * parallel.pp
-    if world_size % model_parallel:
-        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = "
-                          f"{parallel.tp} x {parallel.pp}; launch a multiple of {model_parallel} processes")
-    return world_size // model_parallel

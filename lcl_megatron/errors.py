@@ -10,3 +10,7 @@ class UserError(Exception):
     """A fault in what the user gave us: one line on stderr, exit code 2."""
 
     exit_code = 2
+
+
+class ConfigError(UserError, ValueError):
+    """A user error in the configuration or the layout it asks for: one line naming the key."""

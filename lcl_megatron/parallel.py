@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from lcl_megatron.config import ParallelConfig, check_layout
+from lcl_megatron.config import ParallelConfig
+from lcl_megatron.layout import Layout
 
 
 def _free_port() -> int:
@@ -41,10 +42,10 @@ def init_distributed(parallel: ParallelConfig, timeout_s: float = 600.0) -> None
             import deepspeed
 
             deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
-    check_layout(parallel, dist.get_world_size())
+    layout = Layout(parallel, world=dist.get_world_size())  # a launcher's world that the layout cannot fill
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tp,
-                                                 pipeline_model_parallel_size=parallel.pp)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp,
+                                                 pipeline_model_parallel_size=layout.pp)
 
 
 class MegatronMPU:

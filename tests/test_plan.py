@@ -9,10 +9,11 @@ import math
 
 import pytest
 
-from lcl_megatron import plan
+from lcl_megatron.layout import lm_layers_per_stage
+from lcl_megatron.plan import cli, costs, report
 from lcl_megatron.config import load_config
 from lcl_megatron.model.layers import llama_ffn_hidden_size
-from tests.launch import REPO, run_lcl
+from tests.launch import REPO
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 LLAMA = ["model.text.arch=llama", "model.text.num_query_groups=2"]
@@ -52,7 +53,7 @@ def test_total_equals_the_instantiated_model(variant):
     from lcl_megatron.model.build import build_model, count_parameters
 
     cfg = tiny(variant=variant)
-    planned = plan.make_plan(cfg, nodes=1, gpus_per_node=1)
+    planned = costs.make_plan(cfg, nodes=1, gpus_per_node=1)
     model = build_model(cfg.model)  # a real CPU model
     assert planned.total_params == sum(p.numel() for p in model.parameters()) == count_parameters(cfg.model)
     assert planned.total_params == hand_count(cfg, tp=1)
@@ -63,7 +64,7 @@ def test_total_equals_the_instantiated_model(variant):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_tensor_parallel_counts_per_gpu(variant):
     cfg = tiny(["parallel.tp=2"], variant)
-    planned = plan.make_plan(cfg, nodes=1, gpus_per_node=2)
+    planned = costs.make_plan(cfg, nodes=1, gpus_per_node=2)
     assert planned.stages[0].params == hand_count(cfg, tp=2)
     assert planned.total_params == hand_count(cfg, tp=1)  # the total never carries TP padding
     # the vocabulary (49,411 rows, odd) is padded by one row for tp=2
@@ -72,7 +73,7 @@ def test_tensor_parallel_counts_per_gpu(variant):
 
 def test_pipeline_stages_partition_the_model():
     cfg = tiny(["parallel.pp=3", "parallel.tp=2"], "llama")
-    planned = plan.make_plan(cfg, nodes=1, gpus_per_node=6)
+    planned = costs.make_plan(cfg, nodes=1, gpus_per_node=6)
     assert planned.stage_layers == [1, 1, 1]
     assert sum(s.params for s in planned.stages) == hand_count(cfg, tp=2)
     vit_and_pool = planned.group_params["ViT"] + planned.group_params["pool-project"]
@@ -82,26 +83,34 @@ def test_pipeline_stages_partition_the_model():
 
 
 def test_first_stage_share_and_its_balance():
-    even = plan.make_plan(tiny(["parallel.pp=2", "model.text.layers=6", "train.grad_accumulation=4"]), 1, 2)
+    even = costs.make_plan(tiny(["parallel.pp=2", "model.text.layers=6", "train.grad_accumulation=4"]), 1, 2)
     assert even.stage_layers == [3, 3] and [s.in_flight for s in even.stages] == [2, 1]
     balanced = even.balanced_first_stage_layers
     assert 0 <= balanced <= 5
-    moved = plan.make_plan(tiny(["parallel.pp=2", "model.text.layers=6", "train.grad_accumulation=4",
+    moved = costs.make_plan(tiny(["parallel.pp=2", "model.text.layers=6", "train.grad_accumulation=4",
                                  f"parallel.pp_first_stage_layers={balanced}"]), 1, 2)
     assert moved.stage_layers == [balanced, 6 - balanced]
     assert sum(s.params for s in moved.stages) == sum(s.params for s in even.stages) == even.total_params
     slowest = lambda p: max(s.hardware_flops for s in p.stages)
     assert slowest(moved) <= slowest(even)
     assert moved.model_flops == pytest.approx(even.model_flops)  # moving layers moves work, never adds it
-    only_vit = plan.make_plan(tiny(["parallel.pp=2", "parallel.pp_first_stage_layers=0"]), 1, 2)
+    only_vit = costs.make_plan(tiny(["parallel.pp=2", "parallel.pp_first_stage_layers=0"]), 1, 2)
     assert only_vit.stages[0].holds == "ViT, pool-project, embedding"
 
 
 def test_lm_layers_per_stage_follow_the_pipeline_cut():
-    assert plan.lm_layers_per_stage(32, 2) == [16, 16]
-    assert plan.lm_layers_per_stage(10, 4) == [2, 3, 3, 2]
-    assert plan.lm_layers_per_stage(10, 4, first_stage_layers=1) == [1, 3, 3, 3]
-    assert plan.lm_layers_per_stage(7, 1) == [7]
+    from lcl_megatron.model.pipeline import stage_boundaries
+
+    assert lm_layers_per_stage(32, 2) == [16, 16]
+    assert lm_layers_per_stage(10, 4) == [2, 3, 3, 2]
+    assert lm_layers_per_stage(10, 4, first_stage_layers=1) == [1, 3, 3, 3]
+    assert lm_layers_per_stage(7, 1) == [7]
+    for layers in range(1, 13):
+        for pp in range(2, layers + 1):  # pp=1 builds no pipeline
+            for first in range(-1, layers - pp + 2):
+                parts = stage_boundaries(layers, pp, first)  # the first stage's ViT and the last's loss count too
+                cut = [parts[i + 1] - parts[i] - (i == 0) - (i == pp - 1) for i in range(pp)]
+                assert lm_layers_per_stage(layers, pp, first) == cut, (layers, pp, first)
 
 
 def test_activation_formula_matches_megatron():
@@ -109,20 +118,20 @@ def test_activation_formula_matches_megatron():
     dropout (2 bytes of masks gone) and with flash attention (the s^2 scores replaced by its saved output,
     2 bytes, and an fp32 log-sum-exp per head and position) that is 34 sbh / t + 4 as b / t."""
     s, b, h, a, t = 64, 3, 256, 8, 4
-    low, fp32 = plan.layer_activation_elements(s, b, h, a, a, 4 * h, gated=False, tp=t, sp=True)
+    low, fp32 = costs.layer_activation_elements(s, b, h, a, a, 4 * h, gated=False, tp=t, sp=True)
     assert 2 * low + 4 * fp32 == pytest.approx(34 * s * b * h / t + 4 * a * s * b / t)
-    low_no_sp, _ = plan.layer_activation_elements(s, b, h, a, a, 4 * h, gated=False, tp=t, sp=False)
+    low_no_sp, _ = costs.layer_activation_elements(s, b, h, a, a, 4 * h, gated=False, tp=t, sp=False)
     assert 2 * low_no_sp == pytest.approx(s * b * h * (8 + 26 / t))  # Megatron's 10 + 24/t, same adjustments
-    mha, _ = plan.layer_activation_elements(s, b, h, a, a, 4 * h, gated=False, tp=1, sp=False)
-    gqa, _ = plan.layer_activation_elements(s, b, h, a, a // 4, 4 * h, gated=False, tp=1, sp=False)
+    mha, _ = costs.layer_activation_elements(s, b, h, a, a, 4 * h, gated=False, tp=1, sp=False)
+    gqa, _ = costs.layer_activation_elements(s, b, h, a, a // 4, 4 * h, gated=False, tp=1, sp=False)
     assert mha - gqa == pytest.approx(2 * s * b * h * 3 / 4)  # K and V shrink with the query groups
-    swiglu, _ = plan.layer_activation_elements(s, b, h, a, a, 4 * h, gated=True, tp=1, sp=False)
+    swiglu, _ = costs.layer_activation_elements(s, b, h, a, a, 4 * h, gated=True, tp=1, sp=False)
     assert swiglu - mha == pytest.approx(2 * 4 * h * s * b)  # gate, up, silu(gate), product vs. input, output
 
 
 def test_memory_follows_zero_stage_and_checkpointing():
     base = ["parallel.tp=1", "train.precision=bf16"]
-    got = {z: plan.make_plan(tiny(base + [f"parallel.zero_stage={z}"]), nodes=1, gpus_per_node=4).stages[0]
+    got = {z: costs.make_plan(tiny(base + [f"parallel.zero_stage={z}"]), nodes=1, gpus_per_node=4).stages[0]
            for z in range(4)}
     n = got[0].params
     assert (got[0].weight_bytes, got[0].grad_bytes, got[0].optimizer_bytes) == (2 * n, 2 * n, 12 * n)
@@ -133,7 +142,7 @@ def test_memory_follows_zero_stage_and_checkpointing():
     assert s.activation_bytes_checkpointed < s.activation_bytes_plain
     assert s.activation_bytes == s.activation_bytes_plain  # the demo checkpoints neither tower
     assert s.hardware_flops == s.model_flops
-    ckpt = plan.make_plan(tiny(base + ["parallel.activation_checkpointing_lm=true"]), 1, 4).stages[0]
+    ckpt = costs.make_plan(tiny(base + ["parallel.activation_checkpointing_lm=true"]), 1, 4).stages[0]
     assert s.activation_bytes_checkpointed < ckpt.activation_bytes < s.activation_bytes_plain
     assert ckpt.hardware_flops > ckpt.model_flops == s.model_flops
 
@@ -155,17 +164,17 @@ INVALID = [
 
 @pytest.mark.parametrize("overrides,nodes,gpus,message", INVALID)
 def test_impossible_layouts_exit_2_with_one_line(capsys, overrides, nodes, gpus, message):
-    rc = plan.main(["--config", DEMO, "--nodes", str(nodes), "--gpus-per-node", str(gpus)] + overrides)
+    rc = cli.main(["--config", DEMO, "--nodes", str(nodes), "--gpus-per-node", str(gpus)] + overrides)
     out, err = capsys.readouterr()
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("lcl plan: ") and message in err
 
 
-def test_cli_rejects_a_layout_before_building_anything():
-    proc = run_lcl(["plan", "--config", DEMO, "--nodes", "1", "--gpus-per-node", "6", "parallel.tp=4"], check=False)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.splitlines() == ["lcl plan: 6 GPUs (1 node x 6) cannot be filled by tp x pp = 4 x 1; "
-                                        "use a multiple of 4 GPUs or change parallel.tp/pp"]
+def test_a_layout_the_gpus_cannot_hold_names_the_fix(capsys):
+    assert cli.main(["--config", DEMO, "--nodes", "1", "--gpus-per-node", "6", "parallel.tp=4"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == ["lcl plan: 6 GPUs (1 node x 6) cannot be filled by tp x pp = 4 x 1; "
+                                              "use a multiple of 4 GPUs or change parallel.tp/pp"]
 
 
 @pytest.mark.parametrize("name,nodes,vit_params", [("lcl_vit_l14_llama", 4, (3.0e8, 3.1e8)),
@@ -173,14 +182,14 @@ def test_cli_rejects_a_layout_before_building_anything():
 def test_large_configs_print_a_table(capsys, name, nodes, vit_params):
     path = str(REPO / "configs" / f"{name}.yaml")
     load_config(path, ["data.path=embedded:digits"])  # everything but the cluster's data path validates
-    assert plan.main(["--config", path, "--nodes", str(nodes)]) == 0
+    assert cli.main(["--config", path, "--nodes", str(nodes)]) == 0
     out = capsys.readouterr().out
     assert f"{nodes * 8} GPUs = {nodes} nodes x 8" in out
     assert "memory per GPU" in out and "compute and communication per GPU per step" in out
-    planned = plan.make_plan(load_config(path, validate=False), nodes, 8)
+    planned = costs.make_plan(load_config(path, validate=False), nodes, 8)
     assert f"parameters  {planned.total_params:,}" in out
     assert vit_params[0] < planned.group_params["ViT"] < vit_params[1]
-    assert all(s.total_bytes < 70 * plan.GiB for s in planned.stages)  # fits an 80 GB GPU with headroom
+    assert all(s.total_bytes < 70 * report.GiB for s in planned.stages)  # fits an 80 GB GPU with headroom
     if name == "lcl_vit_6b_llama7b":
         assert 6.5e9 < planned.group_params["LM"] < 7.5e9  # Llama-2-7B's layers with our 49k vocabulary
         assert (planned.layout.tp, planned.layout.pp, planned.layout.dp) == (8, 2, 4)

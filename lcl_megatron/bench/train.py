@@ -22,8 +22,8 @@ import time
 import torch
 
 from lcl_megatron import tokens
-from lcl_megatron.config import (Config, ConfigError, check_layout, load_config, validate_config,
-                                 world_size_from_env)
+from lcl_megatron.config import Config, ConfigError, load_config, validate_config, world_size_from_env
+from lcl_megatron.layout import Layout
 
 
 def synthetic_batches(cfg: Config, images_per_microbatch: int, seed: int = 0):
@@ -50,7 +50,7 @@ def step_config(path: str, overrides: list[str], synthetic: bool) -> Config:
     no data on this machine."""
     cfg = load_config(path, overrides, validate=False)
     validate_config(cfg, check_data=not synthetic)
-    check_layout(cfg.parallel, world_size_from_env())
+    Layout.of(cfg, world_size_from_env())
     return cfg
 
 
@@ -59,7 +59,7 @@ def prepare_steps(cfg: Config, synthetic: bool):
     from megatron.core import parallel_state
 
     from lcl_megatron.parallel import init_distributed
-    from lcl_megatron.plan import images_per_microbatch
+    from lcl_megatron.plan.costs import images_per_microbatch
     from lcl_megatron.training.engine import build_engine, build_model, is_pipeline, pipeline_train_step, plain_train_step
     from lcl_megatron.data.global_batch import build_loader
 

@@ -36,10 +36,11 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from lcl_megatron.config import Config, ConfigError, validate_config
+from lcl_megatron.config import Config, ConfigError, ParallelConfig, validate_config
 from lcl_megatron.convert.deepspeed_files import STATES, UnreadableCheckpoint, read_training_state
 from lcl_megatron.convert.native import CheckpointMismatch, check_tensors
 from lcl_megatron.convert.output import add_output_flags, write_guarded
+from lcl_megatron.layout import Layout
 from lcl_megatron.training.checkpoint import CONFIG_FILE, MODEL_FILE, read_manifest, write_manifest
 
 RESHARD = "lcl convert reshard"
@@ -53,15 +54,23 @@ class ReshardError(ValueError):
 
 
 def parse_layout(text: str) -> dict:
-    """'consolidated' or 'tp=N,pp=N,dp=N[,zero=N]' -> {'tp', 'pp', 'dp', 'zero'}; zero None: keep the source's."""
+    """'consolidated' or 'tp=N,pp=N,dp=N[,zero=N]' -> {'tp', 'pp', 'dp', 'zero'}; zero None: keep the source's.
+    The sizes are checked by the layout's own rules; the model's, by the target config."""
     if text == "consolidated":
         return {"tp": 1, "pp": 1, "dp": 1, "zero": 0}
+    expected = "expected 'consolidated' or tp=N,pp=N,dp=N[,zero=0-3]"
     layout = {"tp": 1, "pp": 1, "dp": 1, "zero": None}
     for part in text.split(","):
         key, sep, value = (s.strip() for s in part.partition("="))
-        if not sep or key not in layout or not value.isdigit() or int(value) < (key != "zero"):
-            raise ReshardError(f"--layout '{text}': expected 'consolidated' or tp=N,pp=N,dp=N[,zero=0-3]")
+        if not sep or key not in layout or not value.isdigit():
+            raise ReshardError(f"--layout '{text}': {expected}")
         layout[key] = int(value)
+    zero = 0 if layout["zero"] is None else layout["zero"]
+    try:
+        Layout(ParallelConfig(tp=layout["tp"], pp=layout["pp"], zero_stage=zero),
+               world=layout["tp"] * layout["pp"] * layout["dp"])
+    except ConfigError as e:
+        raise ReshardError(f"--layout '{text}': {e}; {expected}") from None
     return layout
 
 

@@ -15,14 +15,11 @@ import torch
 import torch.distributed as dist
 
 from lcl_megatron.config import Config
+from lcl_megatron.layout import max_images_per_microbatch
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss): one line, exit code 1."""
-
-
-def max_images_per_microbatch(cfg: Config) -> int:
-    return cfg.parallel.max_images or cfg.train.micro_batch_size * cfg.data.max_images
 
 
 # Gradient buckets, in elements: large enough to keep the links busy, small enough to overlap with

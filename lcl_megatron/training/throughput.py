@@ -85,7 +85,7 @@ class ModelFlops:
     """
 
     def __init__(self, cfg: Config, world_size: int, model):
-        from lcl_megatron.plan import make_plan
+        from lcl_megatron.plan.costs import make_plan
 
         plans = [make_plan(cfg, nodes=1, gpus_per_node=world_size, images=n, model=model) for n in (1, 2)]
         one, two = (plan.model_flops for plan in plans)

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 
-from lcl_megatron.config import (Config, ConfigError, check_layout, config_from_dict, load_config, steps_for,
-                                 world_size_from_env)
+from lcl_megatron.config import Config, ConfigError, config_from_dict, load_config, steps_for, world_size_from_env
 from lcl_megatron.config_docs import default_model_warning, given_keys
 from lcl_megatron.data.global_batch import build_loader
+from lcl_megatron.layout import Layout
 
 
 def parse_args(argv):
@@ -37,7 +37,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    check_layout(cfg.parallel, world_size_from_env())
+    Layout.of(cfg, world_size_from_env())
     check_run_dir(cfg.run_dir, resume=args.resume)
     warning = default_model_warning(given_keys(args.config, args.overrides))
     if warning and os.environ.get("RANK", "0") == "0":  # once per job, before the process group exists

@@ -26,122 +26,16 @@ i holds min(pp - i, micro-batches) micro-batches in flight.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import re
 import sys
 from dataclasses import dataclass, field
 
-from lcl_megatron.config import Config, ConfigError, load_config, steps_for, validate_model
+from lcl_megatron.config import Config
+from lcl_megatron.layout import Layout, lm_layers_per_stage, max_images_per_microbatch
 
-GiB = 1024 ** 3
 _LM_LAYER = re.compile(r"^text\.layers\.(\d+)\.")
-
-
-# ---------------------------------------------------------------- layout
-
-
-@dataclass
-class Layout:
-    nodes: int
-    gpus_per_node: int
-    tp: int
-    pp: int
-    dp: int
-    sp: bool
-    vit_sp: bool  # the ViT sequence (P + 1) is sliced only where TP divides it, as the model does
-    zero_stage: int
-
-    @property
-    def world(self) -> int:
-        return self.nodes * self.gpus_per_node
-
-
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-
-
-def check_layout(cfg: Config, nodes: int, gpus_per_node: int) -> Layout:
-    """The layout of `cfg` on nodes x gpus_per_node GPUs, or ConfigError naming the fix."""
-    p, v, t = cfg.parallel, cfg.model.vision, cfg.model.text
-    if nodes < 1 or gpus_per_node < 1:
-        raise ConfigError(f"--nodes and --gpus-per-node must be positive, got {nodes} and {gpus_per_node}")
-    if p.tp < 1 or p.pp < 1:
-        raise ConfigError(f"parallel.tp and parallel.pp must be >= 1, got {p.tp} and {p.pp}")
-    tr = cfg.train
-    if tr.micro_batch_size < 1 or tr.grad_accumulation < 1:
-        raise ConfigError(f"train.micro_batch_size and train.grad_accumulation must be positive, "
-                          f"got {tr.micro_batch_size} and {tr.grad_accumulation}")
-    if tr.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got {tr.precision!r}")
-    if p.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
-    groups = t.num_query_groups or t.heads
-    lm_ffn, vit_ffn = lm_ffn_hidden_size(cfg), vit_ffn_hidden_size(cfg)
-    for what, count, key in [
-        ("ViT heads", v.heads, "model.vision.head_width"),
-        ("LM heads", t.heads, "model.text.heads"),
-        ("LM query groups", groups, "model.text.num_query_groups"),
-        ("ViT MLP width", vit_ffn, "model.vision.mlp_ratio"),
-        ("LM MLP width", lm_ffn, "model.text.ffn_hidden_size"),
-    ]:
-        if count % p.tp:
-            raise ConfigError(f"parallel.tp={p.tp} does not divide the {what} ({count}); "
-                              f"use a tp from {{{_divisors(count)}}} or change {key}")
-    if p.pp > t.layers:
-        raise ConfigError(f"parallel.pp={p.pp} exceeds the {t.layers} LM layers (model.text.layers); "
-                          f"use at most {t.layers} stages")
-    if p.pp > 1 and p.pp_first_stage_layers > t.layers:
-        raise ConfigError(f"parallel.pp_first_stage_layers={p.pp_first_stage_layers} exceeds the {t.layers} LM "
-                          f"layers; use at most {t.layers}, or -1 for an even split")
-    if p.max_images < 0:
-        raise ConfigError(f"parallel.max_images must be >= 0 (0: micro_batch_size x data.max_images), "
-                          f"got {p.max_images}")
-    if p.sp and p.tp == 1:
-        raise ConfigError("parallel.sp needs parallel.tp > 1; set parallel.sp=false or raise parallel.tp")
-    if p.sp and t.context_length % p.tp:
-        raise ConfigError(f"parallel.sp splits the LM context ({t.context_length}) over parallel.tp={p.tp}, "
-                          f"which does not divide it; set model.text.context_length to a multiple of {p.tp} "
-                          f"or parallel.sp=false")
-    if p.pp > 1 and p.zero_stage > 1:
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline "
-                          f"engine supports ZeRO 0 or 1 only; set parallel.zero_stage=1 or parallel.pp=1")
-    model_parallel = p.tp * p.pp
-    world = nodes * gpus_per_node
-    if world % model_parallel:
-        raise ConfigError(f"{world} GPUs ({_nodes(nodes)} x {gpus_per_node}) cannot be filled by tp x pp = "
-                          f"{p.tp} x {p.pp}; use a multiple of {model_parallel} GPUs or change parallel.tp/pp")
-    return Layout(nodes=nodes, gpus_per_node=gpus_per_node, tp=p.tp, pp=p.pp, dp=world // model_parallel,
-                  sp=p.sp, vit_sp=p.sp and (v.num_patches + 1) % p.tp == 0, zero_stage=p.zero_stage)
-
-
-def _nodes(n: int) -> str:
-    return f"{n} node{'s' if n != 1 else ''}"
-
-
-def lm_ffn_hidden_size(cfg: Config) -> int:
-    from lcl_megatron.model.layers import default_ffn_hidden_size, llama_ffn_hidden_size
-
-    t = cfg.model.text
-    if t.arch == "llama":
-        return t.ffn_hidden_size or llama_ffn_hidden_size(t.width)
-    return default_ffn_hidden_size(t.width, t.mlp_ratio)
-
-
-def vit_ffn_hidden_size(cfg: Config) -> int:
-    from lcl_megatron.model.layers import default_ffn_hidden_size
-
-    return default_ffn_hidden_size(cfg.model.vision.width, cfg.model.vision.mlp_ratio)
-
-
-def lm_layers_per_stage(layers: int, pp: int, first_stage_layers: int = -1) -> list[int]:
-    """LM layers on each pipeline stage, by the pipeline's own cut (model/pipeline.py), whose
-    boundaries also count the first stage's ViT block and the last stage's loss block."""
-    from lcl_megatron.model.pipeline import stage_boundaries
-
-    parts = stage_boundaries(layers, pp, first_stage_layers)
-    return [parts[i + 1] - parts[i] - (i == 0) - (i == pp - 1) for i in range(pp)]
 
 
 # ---------------------------------------------------------------- parameters
@@ -324,8 +218,6 @@ class Plan:
 def images_per_microbatch(cfg: Config) -> int:
     """The most images a micro-batch brings: the pipeline's static bound (parallel.max_images, by
     default micro_batch_size x data.max_images), at most as many image runs as the contexts hold."""
-    from lcl_megatron.training.engine import max_images_per_microbatch
-
     fit = cfg.train.micro_batch_size * (cfg.model.text.context_length // (cfg.model.vision.num_patches + 2))
     return max(1, min(max_images_per_microbatch(cfg), fit))
 
@@ -345,19 +237,19 @@ def _stage(s: _Setup, index: int, stage_layers: list[int]) -> Stage:
     cfg, lay = s.cfg, s.layout
     tp, pp, dp = lay.tp, lay.pp, lay.dp
     v, t = cfg.model.vision, cfg.model.text
-    mbs, micro_batches, act_bytes = cfg.train.micro_batch_size, cfg.train.grad_accumulation, s.pbytes
+    mbs, micro_batches, act_bytes = cfg.train.micro_batch_size, lay.microbatches, s.pbytes
     first, last = index == 0, index == pp - 1
     stage_tensors = [x for x in s.tensors if stage_of(x.name, stage_layers) == index]
     params = sum(x.numel(tp) for x in stage_tensors)
 
     lm = Tower(prefix="text.layers.", causal=True, seq=t.context_length, batch=mbs, width=t.width, heads=t.heads,
-               query_groups=t.num_query_groups or t.heads, ffn=lm_ffn_hidden_size(cfg), gated=t.arch == "llama",
-               sp=lay.sp, layers=stage_layers[index], checkpoint=cfg.parallel.activation_checkpointing_lm)
+               query_groups=t.num_query_groups or t.heads, ffn=t.ffn_width, gated=t.arch == "llama",
+               sp=lay.sp_enabled, layers=stage_layers[index], checkpoint=cfg.parallel.activation_checkpointing_lm)
     towers = [lm]
     if first:
         towers.insert(0, Tower(prefix="visual.layers.", causal=False, seq=v.num_patches + 1, batch=s.images,
-                               width=v.width, heads=v.heads, query_groups=v.heads, ffn=vit_ffn_hidden_size(cfg),
-                               gated=False, sp=lay.vit_sp, layers=v.layers,
+                               width=v.width, heads=v.heads, query_groups=v.heads, ffn=v.ffn_width,
+                               gated=False, sp=lay.vit_sp_enabled, layers=v.layers,
                                checkpoint=cfg.parallel.activation_checkpointing_vit))
 
     def activations(checkpoint_of) -> float:
@@ -388,7 +280,7 @@ def _stage(s: _Setup, index: int, stage_layers: list[int]) -> Stage:
     # each stage boundary (model/pipeline.py): hidden states (sliced under SP) and the latents padded to
     # the image bound go forward with the token ids and mask (int64), their gradients come back
     boundaries = (0 if first else 1) + (0 if last else 1)
-    floating = (mbs * t.context_length * t.width / (tp if lay.sp else 1) + s.images * t.width) * act_bytes
+    floating = (mbs * t.context_length * t.width / (tp if lay.sp_enabled else 1) + s.images * t.width) * act_bytes
     pp_bytes = boundaries * (2 * floating + 2 * mbs * t.context_length * 8)
 
     zero = lay.zero_stage
@@ -426,12 +318,12 @@ def balanced_first_stage(s: _Setup) -> int:
 def make_plan(cfg: Config, nodes: int, gpus_per_node: int, images: int | None = None, model=None) -> Plan:
     """The plan of `cfg` on nodes x gpus_per_node GPUs; `images` per micro-batch overrides the expected
     count, and a running job passes its `model` (see `sharded_tensors`)."""
-    layout = check_layout(cfg, nodes, gpus_per_node)
+    layout = Layout.of(cfg, nodes * gpus_per_node, gpus_per_node)
     bf16 = cfg.train.precision == "bf16"
     setup = _Setup(cfg=cfg, layout=layout, tensors=sharded_tensors(cfg, model),
                    images=images_per_microbatch(cfg) if images is None else images,
                    pbytes=2 if bf16 else 4, optimizer_bytes_per_param=12 if bf16 else 8)
-    stage_layers = lm_layers_per_stage(cfg.model.text.layers, layout.pp, cfg.parallel.pp_first_stage_layers)
+    stage_layers = layout.stage_layers
     stages = [_stage(setup, i, stage_layers) for i in range(layout.pp)]
     groups = {"ViT": 0, "pool-project": 0, "LM": 0, "logit_scale": 0}
     names = {"visual": "ViT", "pool_project": "pool-project", "text": "LM"}
@@ -441,11 +333,11 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, images: int | None = 
     replicas = layout.tp * layout.dp
     return Plan(layout=layout, total_params=sum(x.numel() for x in setup.tensors), group_params=groups,
                 images_per_microbatch=setup.images,
-                global_batch=cfg.train.micro_batch_size * cfg.train.grad_accumulation * layout.dp,
+                global_batch=layout.global_batch,
                 model_flops=sum(x.model_flops for x in stages) * replicas,
                 hardware_flops=sum(x.hardware_flops for x in stages) * replicas, stage_layers=stage_layers,
                 stages=stages,
-                balanced_first_stage_layers=balanced_first_stage(setup) if layout.pp > 1 else None)
+                balanced_first_stage_layers=balanced_first_stage(setup) if layout.pp_enabled else None)
 
 
 def _holds(first: bool, last: bool, first_layer: int, layers: int) -> str:
@@ -457,92 +349,3 @@ def _holds(first: bool, last: bool, first_layer: int, layers: int) -> str:
     if last:
         parts.append("heads")
     return ", ".join(parts)
-
-
-# ---------------------------------------------------------------- printing
-
-
-def _gib(x: float) -> str:
-    return f"{x / GiB:.2f}"
-
-
-def _table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> list[str]:
-    """Plain-text columns: the first `text_columns` left-aligned, numbers right-aligned."""
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i < text_columns else c.rjust(w)
-                              for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-    return [fmt(header)] + [fmt(r) for r in rows]
-
-
-def format_plan(plan: Plan, cfg: Config, source: str) -> str:
-    lay, t, v, tr = plan.layout, cfg.model.text, cfg.model.vision, cfg.train
-    on = lambda flag: "on" if flag else "off"
-    lines = [
-        f"lcl plan: {source}",
-        f"layout      {lay.world} GPUs = {_nodes(lay.nodes)} x {lay.gpus_per_node}: "
-        f"tp {lay.tp} x pp {lay.pp} x dp {lay.dp}; "
-        f"sequence parallel LM {on(lay.sp)}, ViT {on(lay.vit_sp)}; ZeRO {lay.zero_stage}; {tr.precision}",
-        f"parameters  {plan.total_params:,} (" + ", ".join(f"{k} {n:,}" for k, n in plan.group_params.items()) + ")",
-        f"batch       {tr.micro_batch_size} samples/micro-batch x {tr.grad_accumulation} micro-batches x "
-        f"{lay.dp} DP = {plan.global_batch} samples/step; {t.context_length} LM tokens per sample, up to "
-        f"{plan.images_per_microbatch} images of {v.num_patches + 1} ViT tokens per micro-batch",
-        f"schedule    {steps_for(tr, lay.dp):,} steps x {plan.global_batch:,} samples/step = "
-        f"{steps_for(tr, lay.dp) * plan.global_batch:,} samples seen"
-        + (f" (train.samples={tr.samples:,})" if tr.samples else " (train.steps; set train.samples to fix the samples)"),
-        f"activation checkpointing: ViT {on(cfg.parallel.activation_checkpointing_vit)}, "
-        f"LM {on(cfg.parallel.activation_checkpointing_lm)}; loss {cfg.loss.impl}",
-        "",
-        "memory per GPU, GiB (activations kept per micro-batch without and with checkpointing; "
-        "total = states + configured activations x micro-batches in flight + one recomputed layer)",
-    ]
-    lines += _table(
-        ["stage", "holds", "params/GPU", "weights", "grads", "optimizer", "act no-ckpt", "act ckpt",
-         "in flight", "total"],
-        [[str(s.index), s.holds, f"{s.params:,}", _gib(s.weight_bytes), _gib(s.grad_bytes), _gib(s.optimizer_bytes),
-          _gib(s.activation_bytes_plain), _gib(s.activation_bytes_checkpointed), str(s.in_flight),
-          _gib(s.total_bytes)] for s in plan.stages], text_columns=2)
-    lines += ["", "compute and communication per GPU per step"]
-    lines += _table(
-        ["stage", "model TFLOP", "with recompute", "DP GiB", "TP GiB", "PP GiB"],
-        [[str(s.index), f"{s.model_flops / 1e12:,.1f}", f"{s.hardware_flops / 1e12:,.1f}", _gib(s.dp_bytes),
-          _gib(s.tp_bytes), _gib(s.pp_bytes)] for s in plan.stages])
-    lines += [
-        "",
-        f"step        {plan.model_flops / 1e15:,.2f} PFLOP model (6 x params x tokens + attention), "
-        f"{plan.hardware_flops / 1e15:,.2f} PFLOP with recomputation",
-    ]
-    if plan.balanced_first_stage_layers not in (None, plan.stage_layers[0]):
-        lines.append(f"note        LM layers per stage: {' / '.join(map(str, plan.stage_layers))}; "
-                     f"parallel.pp_first_stage_layers={plan.balanced_first_stage_layers} would balance the "
-                     f"stages' FLOPs (with {plan.images_per_microbatch} images per micro-batch)")
-    if lay.tp > lay.gpus_per_node:
-        lines.append(f"note        the TP group ({lay.tp}) spans nodes: its all-reduces cross the network")
-    if lay.sp and not lay.vit_sp:
-        lines.append(f"note        the ViT sequence ({v.num_patches + 1}) is not divisible by tp {lay.tp}: "
-                     f"the ViT runs without sequence parallelism")
-    return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lcl plan", description="Per-GPU memory, FLOPs and communication "
-                                     "of a config's parallel layout.", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="example:\n  lcl plan --config configs/lcl_vit_6b_llama7b.yaml --nodes 8 --gpus-per-node 8")
-    parser.add_argument("--config", required=True, help="YAML config")
-    parser.add_argument("--nodes", type=int, default=None, help="default: the fewest whole nodes the layout fills")
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides, validate=False)
-        validate_model(cfg.model)
-        nodes = args.nodes
-        if nodes is None:  # the fewest whole nodes the layout fills
-            model_parallel = max(1, cfg.parallel.tp * cfg.parallel.pp)
-            nodes = model_parallel // math.gcd(model_parallel, max(1, args.gpus_per_node))
-        check_layout(cfg, nodes, args.gpus_per_node)  # user errors fail before the model is built
-        plan = make_plan(cfg, nodes, args.gpus_per_node)
-    except ConfigError as e:
-        print(f"lcl plan: {e}", file=sys.stderr)
-        return 2
-    print(format_plan(plan, cfg, args.config))
-    return 0
