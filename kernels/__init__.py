@@ -1,4 +1,4 @@
-"""Fused kernels for the LCL losses and attention (issue 4).
+"""Fused kernels for the LCL losses and attention.
 
 Triton on CUDA and under TRITON_INTERPRET=1, chunked torch on CPU; each
 module also holds the plain-torch reference it is tested against.

@@ -1,4 +1,4 @@
-"""`lcl bench kernels`: the fused losses against eager torch (and Liger / Cut Cross-Entropy if installed).
+"""The measurements behind `lcl bench kernels` (lcl_megatron/bench/kernels.py): the fused losses against eager torch (and Liger / Cut Cross-Entropy if installed).
 
 One row per (op, shape, dtype, implementation): median time of a forward plus
 backward, achieved TFLOP/s (the model's matrix products: 6·N·V·D for the LM
@@ -24,7 +24,6 @@ writes the table into the "Kernels" section of BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -35,11 +34,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-
-from lcl_megatron.utils import write_markdown_section
 
 from kernels.contrastive_loss import contrastive_loss, contrastive_loss_reference
 from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
@@ -213,7 +209,7 @@ def _worker(what: str, case: Case, impl: str, repeats: int) -> dict:
     env.pop("TRITON_INTERPRET", None)
     if what == "memory":
         env.update(MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD_="0")
-    proc = subprocess.run([sys.executable, "-m", "kernels.bench", "--worker", what, case.key, impl, str(repeats)],
+    proc = subprocess.run([sys.executable, "-m", "kernels.bench", what, case.key, impl, str(repeats)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker ({what}) for {case.key} / {impl} failed:\n{proc.stderr[-2000:]}")
@@ -257,8 +253,8 @@ def run_all(quick: bool, repeats: int, devices: str = "all") -> tuple[list[dict]
     return rows, notes
 
 
-def _targets(rows: list[dict], notes: dict, quick: bool) -> list[str]:
-    """The issue's targets, each with the measured ratio and whether it is met."""
+def target_lines(rows: list[dict], notes: dict, quick: bool) -> list[str]:
+    """The targets (peak memory and time against eager torch), each with the measured ratio and whether it is met."""
     if quick:
         return []
     by = {(r["case"].name, r["case"].device, r["impl"]): r for r in rows}
@@ -322,7 +318,7 @@ def machine() -> str:
     return text
 
 
-def render_section(table: str, target_lines: list[str], quick: bool) -> str:
+def render_section(table: str, targets: list[str], quick: bool) -> str:
     today = datetime.date.today().isoformat()
     parts = [SECTION, "",
              f"`lcl bench kernels`{' --quick' if quick else ''}, {today}, on {machine()}.",
@@ -331,8 +327,8 @@ def render_section(table: str, target_lines: list[str], quick: bool) -> str:
              "see kernels/bench.py; CUDA: max_memory_allocated); the last column subtracts the input gradients, "
              "which every implementation returns and which set a floor on the peak. TFLOP/s counts the model's "
              "matrix products only. On CPU \"fused (ours)\" is the chunked torch path.", "", table, ""]
-    if target_lines:
-        parts += ["Targets (issue 4):", "", *target_lines, ""]
+    if targets:
+        parts += ["Targets:", "", *targets, ""]
     if not torch.cuda.is_available():
         parts += ["GPU cases (generation 16384 x 2048 x 151936 bf16, contrastive 8192 x 65536 x 768 fp32, "
                   "with Liger-Kernel / Cut Cross-Entropy when installed) run when CUDA is present; "
@@ -340,39 +336,14 @@ def render_section(table: str, target_lines: list[str], quick: bool) -> str:
     return "\n".join(parts)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lcl bench kernels", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="example:\n  lcl bench kernels --quick\n  lcl bench kernels  # full run, writes BENCHMARKS.md")
-    parser.add_argument("--quick", action="store_true", help="small shapes; print only unless --output is given")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 3 quick, 2 full)")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="markdown file for the Kernels section (default BENCHMARKS.md for a full run)")
-    parser.add_argument("--no-write", action="store_true", help="print the table only")
-    parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
-                        help="which rows to run (default all: CPU rows, and GPU rows when CUDA is available)")
-    parser.add_argument("--worker", nargs=4, metavar=("WHAT", "CASE", "IMPL", "REPEATS"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        what, key, impl, repeats = args.worker
-        case = Case.from_key(key)
-        result = measure_memory(case, impl) if what == "memory" else measure_time(case, impl, int(repeats))
-        print(json.dumps(result))
-        return 0
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 2)
-    if repeats < 1:
-        print("lcl bench kernels: --repeats must be at least 1", file=sys.stderr)
-        return 2
-    rows, notes = run_all(args.quick, repeats, args.device)
-    table = format_table(rows)
-    target_lines = _targets(rows, notes, args.quick)
-    print(table)
-    print("\n".join(target_lines))
-    output = args.output or (None if args.quick else Path("BENCHMARKS.md"))
-    if output is not None and not args.no_write:
-        write_markdown_section(output, SECTION, render_section(table, target_lines, args.quick))
-        print(f"wrote the {SECTION[3:]} section of {output}")
+def worker_main(argv: list[str]) -> int:
+    """`python -m kernels.bench WHAT CASE IMPL REPEATS`: one measurement, one JSON line (see `_worker`)."""
+    what, key, impl, repeats = argv
+    case = Case.from_key(key)
+    result = measure_memory(case, impl) if what == "memory" else measure_time(case, impl, int(repeats))
+    print(json.dumps(result))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(worker_main(sys.argv[1:]))

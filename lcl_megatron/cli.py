@@ -35,7 +35,7 @@ COMMANDS = {
     ("convert", "inspect"): "lcl_megatron.convert.inspect:main",
     ("plan",): "lcl_megatron.plan.cli:main",
     ("profile",): "lcl_megatron.bench.profile:main",
-    ("bench", "kernels"): "kernels.bench:main",
+    ("bench", "kernels"): "lcl_megatron.bench.kernels:main",
     ("bench", "data"): "lcl_megatron.data.bench:main",
     ("bench", "train"): "lcl_megatron.bench.train:main",
     ("prepare", "mmc4"): "lcl_megatron.data.prepare:mmc4_main",
