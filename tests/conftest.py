@@ -16,6 +16,9 @@ import pytest
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: kernels run in its interpreter
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Fixtures every tier may use: poisoned outputs for kernels, the Slurm cluster.
+pytest_plugins = ["tests.support.kernels", "tests.support.slurm_cluster"]
+
 TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "integration", "cluster")
 

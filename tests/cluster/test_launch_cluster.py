@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from tests.support.launch import REPO, read_metrics
-from tests.support.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

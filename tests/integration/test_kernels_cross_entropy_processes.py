@@ -15,7 +15,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 import kernels  # noqa: E402
-from tests.support.kernels import CHUNK, IGNORE, V, assert_close_rel, linear_ce_inputs, loss_and_grads  # noqa: E402
+from tests.support.kernels import (  # noqa: E402
+    CHUNK, IGNORE, V, assert_close_rel, linear_ce_inputs, loss_and_grads, poisoned_empty)
 
 
 def test_kernels_compile_for_h200():

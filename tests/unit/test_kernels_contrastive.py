@@ -8,7 +8,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels.contrastive_loss import contrastive_loss_reference  # noqa: E402
-from tests.support.kernels import assert_close_rel, max_error, poison  # noqa: E402,F401
+from tests.support.kernels import assert_close_rel, max_error  # noqa: E402
 
 # Three data-parallel "ranks" with 5, 3 and 4 pairs, padded to 5 columns each: M = 15
 # gathered columns of which 3 are zero padding; this rank is the second (rows 5..7).

@@ -10,8 +10,8 @@ import kernels  # noqa: E402
 from kernels.chunked_linear_ce import default_chunk_rows  # noqa: E402
 from kernels.cross_entropy_rows import _kernel, _row_stats_kernel, row_softmax  # noqa: E402
 from kernels.fused_linear_cross_entropy import linear_cross_entropy_reference  # noqa: E402
-from tests.support.kernels import (  # noqa: E402,F401
-    CHUNK, IGNORE, N, assert_close_rel, linear_ce_inputs, loss_and_grads, max_error, poison, poisoned_empty)
+from tests.support.kernels import (  # noqa: E402
+    CHUNK, IGNORE, N, assert_close_rel, linear_ce_inputs, loss_and_grads, max_error)
 
 def test_triton_path_runs_in_the_interpreter():
     from triton.runtime.interpreter import InterpretedFunction
