@@ -103,7 +103,7 @@ def config(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(slurm_cluster, config, tmp_path_factory):
-    """Scenario 1: a 2-node job trains, checkpoints and exits 0. Its losses are the reference."""
+    """A 2-node job trains, checkpoints and exits 0. Its losses are the reference."""
     run_dir = tmp_path_factory.mktemp("slurm") / "reference run"
     job_id = launch(slurm_cluster, config, run_dir)
     info = slurm_cluster.wait_job(job_id, FINISHED, timeout=FINISH_S)
@@ -129,7 +129,7 @@ def test_two_node_job_trains_checkpoints_and_exits_0(reference):
 
 
 def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, config, reference, tmp_path):
-    """Scenario 2: Slurm's warning signal mid-run (what `--signal=USR1@T` sends before the time limit)."""
+    """Slurm's warning signal mid-run (what `--signal=USR1@T` sends before the time limit)."""
     run_dir = tmp_path / "requeued run"
     job_id = launch(slurm_cluster, config, run_dir)
     wait_for_step(slurm_cluster, job_id, run_dir, EVERY // 2 + 1)
@@ -152,7 +152,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, config, 
 
 
 def test_killed_rank_restarts_and_resumes(slurm_cluster, config, reference, tmp_path):
-    """Scenario 3: one rank SIGKILLed after a checkpoint: torchrun restarts both nodes' workers from it."""
+    """One rank SIGKILLed after a checkpoint: torchrun restarts both nodes' workers from it."""
     run_dir = tmp_path / "killed run"
     job_id = launch(slurm_cluster, config, run_dir)
     wait_for_step(slurm_cluster, job_id, run_dir, EVERY + 1)
