@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast docs clean wheelhouse gpu-check ablation
+.PHONY: setup demo test test-fast test-integration test-cluster docs clean wheelhouse gpu-check ablation
 
 setup: $(STAMP)
 
@@ -29,11 +29,19 @@ JOBS ?= 2
 ablation: setup
 	OMP_NUM_THREADS=1 $(PY) -m lcl_megatron.ablation --arms $(ARMS) --seeds $(SEEDS) --jobs $(JOBS)
 
+# Tiers (tests/conftest.py): unit (one process, `make test-fast`, under 2 minutes), integration
+# (several processes, `lcl` end to end), cluster (a real Slurm cluster). `make test` runs all three.
 test: setup
 	$(PY) -m pytest -q tests
 
 test-fast: setup
-	$(PY) -m pytest -q tests -m "not slow"
+	$(PY) -m pytest -q tests/unit
+
+test-integration: setup
+	$(PY) -m pytest -q tests/integration
+
+test-cluster: setup
+	$(PY) -m pytest -q tests/cluster
 
 # A bare GPU machine without a network (Python 3.12, CUDA torch, triton, transformers installed):
 # `make wheelhouse` here first (it needs PyPI), carry wheelhouse/ there, then `make gpu-check`.

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
                          "--no-cache-dir", "--target", str(site), *wheels], env, results)
 
     tests = run_step("pytest", [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                                "tests/test_gpu.py"], env, results)
+                                "tests/integration/test_gpu.py"], env, results)
     summary = re.findall(r"(\d+) (passed|failed|skipped|error)", tests)
     results["pytest"]["counts"] = {kind: int(n) for n, kind in summary}
 
