@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,12 +11,13 @@ from PIL import Image
 
 from transformers import CLIPImageProcessor, CLIPVisionModel
 
+from lcl_megatron.checkpoint.consolidated import write_checkpoint
 from lcl_megatron.config import Config, ModelConfig, TextConfig, VisionConfig, load_config
-from lcl_megatron.convert.native import model_tensors
-from lcl_megatron.convert.writer import write_checkpoint
+from lcl_megatron.convert.output import atomic_directory
 from lcl_megatron.data.images import preprocess_image
 from lcl_megatron.eval.common import load_for_eval
 from lcl_megatron.model.build import build_model
+from lcl_megatron.model.state import model_tensors
 from tests.paths import REPO
 from tests.test_convert_openclip import run_cli
 
@@ -40,8 +42,9 @@ def random_checkpoint(model_cfg: ModelConfig, out, seed: int = 0):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    return write_checkpoint(out, cfg, model_tensors(model.state_dict()), meta={"step": 1234, "source": "test"},
-                            written_by="tests: random_checkpoint")
+    with atomic_directory(out, "tests: random_checkpoint") as tmp:
+        write_checkpoint(tmp, cfg, model_tensors(model.state_dict()), meta={"step": 1234, "source": "test"})
+    return Path(out)
 
 
 def images_for(size: int) -> list[Image.Image]:
@@ -103,7 +106,7 @@ def test_refuses_checkpoints_that_do_not_check_out(capsys, tmp_path):
     # A config that does not match the tensors (the manifest is rewritten so only the config is wrong).
     config = (ckpt / "config.yaml").read_text()
     (ckpt / "config.yaml").write_text(config.replace("layers: 3", "layers: 4", 1))
-    from lcl_megatron.training.checkpoint import read_manifest, write_manifest
+    from lcl_megatron.checkpoint.format import read_manifest, write_manifest
 
     write_manifest(ckpt, {k: v for k, v in read_manifest(ckpt).items() if k != "files"})
     # --force, so that the checkpoint is what gets refused, not the folder of another export.

@@ -18,15 +18,9 @@ from pathlib import Path
 
 import torch
 
+from lcl_megatron.checkpoint.consolidated import CheckpointMismatch, read_checkpoint
+from lcl_megatron.checkpoint.format import open_checkpoint, safe_torch_load
 from lcl_megatron.config import ConfigError
-from lcl_megatron.convert.native import CheckpointMismatch
-from lcl_megatron.training.checkpoint import read_manifest, resolve_checkpoint, safe_torch_load
-
-
-def open_checkpoint(path: Path) -> tuple[Path, dict]:
-    """(checkpoint directory, manifest); `read_checkpoint` checks every listed file as it loads."""
-    ckpt = resolve_checkpoint(Path(path))
-    return ckpt, read_manifest(ckpt)
 
 
 def _tensor_stats(obj) -> dict:
@@ -67,7 +61,6 @@ def shard_contents(path: Path) -> dict:
 
 
 def describe(path: Path) -> dict:
-    from lcl_megatron.convert.writer import read_checkpoint
     from lcl_megatron.model.build import count_parameters
 
     ckpt, manifest = open_checkpoint(path)
