@@ -71,6 +71,8 @@ def _safe_globals():
 
 
 def safe_torch_load(path, map_location="cpu"):
+    """The one way a torch file is read: tensors, plain containers and the plain data classes
+    DeepSpeed writes; anything else is refused (CheckpointError), never run."""
     with torch.serialization.safe_globals(_safe_globals()):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -167,6 +169,11 @@ def verify_collectively(ckpt_dir: Path) -> str | None:
     problems = [None] * world
     dist.all_gather_object(problems, problem)
     return next((p for p in problems if p), None)
+
+
+def engine_files(manifest: dict) -> list[str]:
+    """The DeepSpeed files (one set per rank, torch's format) a checkpoint's manifest lists."""
+    return sorted(name for name in manifest["files"] if name.endswith(".pt"))
 
 
 def read_step(ckpt_dir: Path) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import re
 import sys
 import warnings
@@ -20,9 +19,9 @@ from pathlib import Path
 import torch
 
 from lcl_megatron import tokens
-from lcl_megatron.config import Config, ConfigError, ModelConfig, TextConfig, VisionConfig, validate_model
 from lcl_megatron.checkpoint.consolidated import CheckpointMismatch, check_tensors, read_checkpoint, write_checkpoint
-from lcl_megatron.checkpoint.format import open_checkpoint
+from lcl_megatron.checkpoint.format import CheckpointError, open_checkpoint, safe_torch_load
+from lcl_megatron.config import Config, ConfigError, ModelConfig, TextConfig, VisionConfig, validate_model
 from lcl_megatron.convert.output import OutputRefused, add_output_flags, atomic_directory, check_output, mark_file
 
 # (OpenCLIP name pattern, our name pattern); {i} is a layer index, {t} is "visual" or "text".
@@ -180,12 +179,12 @@ def model_config_to_openclip(cfg: ModelConfig) -> dict:
 
 
 def safe_load_tensors(path: Path):
-    """torch.load restricted to tensors and plain containers; anything else is refused, never run."""
+    """The file's tensors and plain data; anything else is refused, never run."""
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing them
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+            return safe_torch_load(path)
+    except CheckpointError:
         raise CheckpointMismatch(f"'{path}' is not a weights-only torch file (loading it could run code); "
                                  "refused") from None
     except (OSError, RuntimeError, EOFError, ValueError) as e:

@@ -32,8 +32,8 @@ from pathlib import Path
 
 from lcl_megatron.checkpoint.consolidated import check_tensors, read_checkpoint, write_config
 from lcl_megatron.checkpoint.deepspeed_files import STATES, UnreadableCheckpoint
-from lcl_megatron.checkpoint.format import (LOADER_STATES, MODEL_FILE, OPTIMIZER_STATE, OPTIMIZER_TENSORS, loader_file,
-                                            open_checkpoint, write_manifest)
+from lcl_megatron.checkpoint.format import (LOADER_STATES, MODEL_FILE, OPTIMIZER_STATE, OPTIMIZER_TENSORS, engine_files,
+                                            loader_file, open_checkpoint, write_manifest)
 from lcl_megatron.checkpoint.training_state import write_canonical_state
 from lcl_megatron.config import Config, ConfigError, validate_config
 from lcl_megatron.convert.output import add_output_flags, atomic_directory, write_guarded
@@ -94,10 +94,6 @@ def _write_loader_states(ckpt: Path, out: Path, cfg: Config, source_dp: int, tar
               f"not carry over to {target_dp}; the new ranks start their shards from the beginning", file=sys.stderr)
 
 
-def _has_deepspeed_state(manifest: dict) -> bool:
-    return any(name.endswith(".pt") for name in manifest["files"])
-
-
 def reshard(src: Path, out: Path, layout: dict, weights_only: bool = False) -> Path:
     from lcl_megatron.model.build import expected_tensor_shapes
 
@@ -107,7 +103,7 @@ def reshard(src: Path, out: Path, layout: dict, weights_only: bool = False) -> P
     source_dp = world // (cfg.parallel.tp * cfg.parallel.pp)
     target = target_config(cfg, layout, source_dp)
     canonical = (ckpt / OPTIMIZER_TENSORS).is_file()
-    if not weights_only and not canonical and not _has_deepspeed_state(manifest):
+    if not weights_only and not canonical and not engine_files(manifest):
         raise ReshardError(f"checkpoint '{ckpt}' holds no optimizer state; --weights-only writes the weights alone")
     with atomic_directory(out, RESHARD) as tmp:
         if not weights_only:
