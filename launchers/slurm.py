@@ -99,7 +99,7 @@ def build_spec(args) -> JobSpec:
     cfg = load_config(args.config, args.overrides)
     init_from = None
     if args.init_from:
-        from lcl_megatron.training.checkpoint import resolve_checkpoint
+        from lcl_megatron.checkpoint.format import resolve_checkpoint
 
         try:
             init_from = str(resolve_checkpoint(os.path.abspath(args.init_from)))

@@ -31,7 +31,9 @@ from lcl_megatron.config import Config
 from lcl_megatron.convert.feature_selection import selection_record, selection_table
 from lcl_megatron.convert.hub import push_folder
 from lcl_megatron.convert.openclip import qkv_from_megatron
-from lcl_megatron.convert.output import add_output_flags, write_guarded
+from lcl_megatron.checkpoint.consolidated import read_checkpoint
+from lcl_megatron.checkpoint.format import open_checkpoint
+from lcl_megatron.convert.output import add_output_flags, atomic_directory, write_guarded
 from lcl_megatron.data.images import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 TO_HF = "lcl convert to-hf"
@@ -240,8 +242,6 @@ def export(ckpt: Path, out: Path, license_id: str = DEFAULT_LICENSE) -> Path:
     from safetensors.torch import save_file
 
     from lcl_megatron.convert import llava_tower
-    from lcl_megatron.convert.inspect import open_checkpoint
-    from lcl_megatron.convert.writer import atomic_directory, read_checkpoint
     from lcl_megatron.model import pool_project as hf_pool_project
 
     ckpt, manifest = open_checkpoint(ckpt)

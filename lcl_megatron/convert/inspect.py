@@ -18,15 +18,9 @@ from pathlib import Path
 
 import torch
 
+from lcl_megatron.checkpoint.consolidated import CheckpointMismatch, read_checkpoint
+from lcl_megatron.checkpoint.format import engine_files, open_checkpoint, safe_torch_load
 from lcl_megatron.config import ConfigError
-from lcl_megatron.convert.native import CheckpointMismatch
-from lcl_megatron.training.checkpoint import read_manifest, resolve_checkpoint, safe_torch_load
-
-
-def open_checkpoint(path: Path) -> tuple[Path, dict]:
-    """(checkpoint directory, manifest); `read_checkpoint` checks every listed file as it loads."""
-    ckpt = resolve_checkpoint(Path(path))
-    return ckpt, read_manifest(ckpt)
 
 
 def _tensor_stats(obj) -> dict:
@@ -67,20 +61,18 @@ def shard_contents(path: Path) -> dict:
 
 
 def describe(path: Path) -> dict:
-    from lcl_megatron.convert.writer import read_checkpoint
     from lcl_megatron.model.build import count_parameters
 
     ckpt, manifest = open_checkpoint(path)
     cfg, tensors = read_checkpoint(ckpt)  # checks the config against the consolidated tensors
     p = cfg.parallel
     world = int(manifest.get("world_size", 1))
-    deepspeed_files = sorted(n for n in manifest["files"] if n.endswith(".pt"))
     return {
         "checkpoint": str(ckpt),
         "step": manifest.get("step"),
         "layout": {"world_size": world, "tp": p.tp, "pp": p.pp, "dp": max(1, world // (p.tp * p.pp)),
                    "zero_stage": p.zero_stage, "sp": p.sp,
-                   "format": "deepspeed" if deepspeed_files else "consolidated"},
+                   "format": "deepspeed" if engine_files(manifest) else "consolidated"},
         "source": {k: v for k, v in manifest.items() if k not in ("files", "step", "world_size")},
         "parameters": count_parameters(cfg.model),
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),

@@ -31,7 +31,9 @@ import torch
 
 from lcl_megatron.config import Config, ConfigError
 from lcl_megatron.convert.feature_selection import selection_record
-from lcl_megatron.convert.output import add_output_flags, write_guarded
+from lcl_megatron.checkpoint.consolidated import read_checkpoint
+from lcl_megatron.checkpoint.format import open_checkpoint
+from lcl_megatron.convert.output import add_output_flags, atomic_directory, write_guarded
 
 TO_MEGATRON = "lcl convert to-megatron-vision"
 ITERATION = 1
@@ -86,9 +88,7 @@ def clip_vit_settings(cfg: Config) -> dict:
 def export(ckpt: Path, out: Path, tp: int) -> Path:
     from safetensors.torch import save_file
 
-    from lcl_megatron.convert.inspect import open_checkpoint
     from lcl_megatron.convert.provenance import training_facts
-    from lcl_megatron.convert.writer import atomic_directory, read_checkpoint
 
     ckpt, manifest = open_checkpoint(ckpt)
     cfg, tensors = read_checkpoint(ckpt)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import re
 import sys
 import warnings
@@ -20,9 +19,10 @@ from pathlib import Path
 import torch
 
 from lcl_megatron import tokens
+from lcl_megatron.checkpoint.consolidated import CheckpointMismatch, check_tensors, read_checkpoint, write_checkpoint
+from lcl_megatron.checkpoint.format import CheckpointError, open_checkpoint, safe_torch_load
 from lcl_megatron.config import Config, ConfigError, ModelConfig, TextConfig, VisionConfig, validate_model
-from lcl_megatron.convert.native import CheckpointMismatch, check_tensors
-from lcl_megatron.convert.output import OutputRefused, add_output_flags, check_output, mark_file
+from lcl_megatron.convert.output import OutputRefused, add_output_flags, atomic_directory, check_output, mark_file
 
 # (OpenCLIP name pattern, our name pattern); {i} is a layer index, {t} is "visual" or "text".
 _TOWER_LAYER = [
@@ -179,12 +179,12 @@ def model_config_to_openclip(cfg: ModelConfig) -> dict:
 
 
 def safe_load_tensors(path: Path):
-    """torch.load restricted to tensors and plain containers; anything else is refused, never run."""
+    """The file's tensors and plain data; anything else is refused, never run."""
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing them
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+            return safe_torch_load(path)
+    except CheckpointError:
         raise CheckpointMismatch(f"'{path}' is not a weights-only torch file (loading it could run code); "
                                  "refused") from None
     except (OSError, RuntimeError, EOFError, ValueError) as e:
@@ -224,7 +224,6 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 def from_openclip_main(argv=None) -> int:
-    from lcl_megatron.convert.writer import write_checkpoint
     from lcl_megatron.model.build import expected_tensor_shapes
 
     p = _parser(FROM_OPENCLIP)
@@ -244,8 +243,9 @@ def from_openclip_main(argv=None) -> int:
         tensors = from_openclip_state_dict(sd, model_cfg)
         check_tensors(expected_tensor_shapes(model_cfg), tensors)
         cfg = Config(model=model_cfg)
-        out = write_checkpoint(Path(args.out), cfg, tensors, written_by=FROM_OPENCLIP,
-                               meta={"source": str(args.checkpoint), "format": "openclip"})
+        out = Path(args.out)
+        with atomic_directory(out, FROM_OPENCLIP) as tmp:
+            write_checkpoint(tmp, cfg, tensors, meta={"source": str(args.checkpoint), "format": "openclip"})
     except (ConfigError, CheckpointMismatch, OutputRefused, OSError) as e:
         print(f"{FROM_OPENCLIP}: {e}", file=sys.stderr)
         return 2
@@ -256,8 +256,6 @@ def from_openclip_main(argv=None) -> int:
 def to_openclip_main(argv=None) -> int:
     import io
 
-    from lcl_megatron.convert.inspect import open_checkpoint
-    from lcl_megatron.convert.writer import read_checkpoint
     from lcl_megatron.utils import atomic_write_bytes, atomic_write_text
 
     p = _parser(TO_OPENCLIP)

@@ -12,16 +12,18 @@ a later run recognises its own output.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+from lcl_megatron.checkpoint.consolidated import CheckpointMismatch
+from lcl_megatron.checkpoint.format import sha256_file
 from lcl_megatron.config import ConfigError
-from lcl_megatron.convert.native import CheckpointMismatch
-from lcl_megatron.training.checkpoint import sha256_file
-from lcl_megatron.utils import atomic_write_text
+from lcl_megatron.utils import atomic_write_text, follow_umask
 
 MARKER = ".lcl-convert.json"
 
@@ -116,6 +118,32 @@ def mark_directory(directory: Path, command: str) -> None:
     """Record, inside a directory about to be published, which command wrote it and which files."""
     files = sorted(p.name for p in Path(directory).iterdir() if p.name != MARKER)
     atomic_write_text(Path(directory) / MARKER, json.dumps({"command": command, "files": files}, indent=1) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path, written_by: str):
+    """Yield a temporary sibling directory to fill; on success it replaces `out` in one rename.
+
+    A crash or an error leaves `out` as it was (an old `out` is only removed after the swap).
+    `written_by` (the command) is recorded inside, so a later run knows the folder as its own;
+    callers check `out` with `check_output` first."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    follow_umask(tmp)
+    try:
+        yield tmp
+        mark_directory(tmp, written_by)
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def mark_file(path: Path, command: str) -> None:

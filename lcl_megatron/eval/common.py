@@ -6,8 +6,7 @@ from pathlib import Path
 
 
 def load_for_eval(path):
-    from lcl_megatron.convert.native import load_native_state_dict
-    from lcl_megatron.convert.writer import read_checkpoint
+    from lcl_megatron.checkpoint.consolidated import load_model_state, read_checkpoint
     from lcl_megatron.model.build import build_model
 
     cfg, tensors = read_checkpoint(Path(path))
@@ -15,6 +14,6 @@ def load_for_eval(path):
     cfg.parallel.tp = cfg.parallel.pp = 1
     cfg.parallel.sp = False
     model = build_model(cfg)
-    load_native_state_dict(model, {k: v.float() for k, v in tensors.items()})
+    load_model_state(model, {k: v.float() for k, v in tensors.items()})
     model.eval()
     return cfg, model

@@ -25,7 +25,7 @@ def build_model(cfg: Config | ModelConfig, device: str | torch.device = "cpu"):
 
 def expected_tensor_shapes(model_cfg: ModelConfig) -> dict:
     """Name -> shape of every tensor of the single-process model, without allocating it."""
-    from lcl_megatron.convert.native import model_tensors
+    from lcl_megatron.model.state import model_tensors
 
     return {k: tuple(v.shape) for k, v in model_tensors(build_model(model_cfg, "meta").state_dict()).items()}
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from lcl_megatron.convert.native import model_tensors
+from lcl_megatron.model.state import model_tensors
 
 
 def _tp():

@@ -57,7 +57,7 @@ class Tensor:
 def sharded_tensors(cfg: Config, model=None) -> list[Tensor]:
     """Every tensor of the single-process model with its TP split, from a meta-device build or,
     inside a run (whose process groups a new build would follow), from the run's own model."""
-    from lcl_megatron.convert.native import model_tensors as state_tensors
+    from lcl_megatron.model.state import model_tensors as state_tensors
     from lcl_megatron.model.build import build_model
     from lcl_megatron.model.sharding import canonical_shape
 

@@ -66,10 +66,10 @@ def deepspeed_config(cfg: Config, dp_size: int, on_gpu: bool = False) -> dict:
 
 def build_model(cfg: Config, init_from: Path | None = None):
     """The full plain model on every rank (TP-sharded), seeded so that every layout starts alike."""
-    from lcl_megatron.convert.native import check_tensors
+    from lcl_megatron.checkpoint.consolidated import check_tensors
+    from lcl_megatron.checkpoint.format import MODEL_FILE, load_model_file
     from lcl_megatron.model.lcl import LCLModel
     from lcl_megatron.model.sharding import canonical_shapes, load_canonical
-    from lcl_megatron.training.checkpoint import MODEL_FILE, load_model_file
 
     torch.manual_seed(cfg.train.seed)  # identical on every rank: replicated weights agree, TP shards split one init
     model = LCLModel.from_config(cfg)
@@ -85,8 +85,8 @@ def build_engine(cfg: Config, model):
     import deepspeed
     from megatron.core import parallel_state
 
+    from lcl_megatron.checkpoint.format import SafeCheckpointEngine
     from lcl_megatron.parallel import MegatronMPU, verify_groups_match
-    from lcl_megatron.training.checkpoint import SafeCheckpointEngine
     from lcl_megatron.training.optim import build_optimizer, build_scheduler, clamp_logit_scale_after_each_step
 
     dp_size = parallel_state.get_data_parallel_world_size()

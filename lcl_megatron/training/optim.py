@@ -7,11 +7,7 @@ import math
 import torch
 
 from lcl_megatron.config import Config
-
-
-def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
-    # Norm gains, biases, class/query embeddings' 1-D gains and the temperature (OpenCLIP's rule).
-    return param.ndim < 2 or "logit_scale" in name
+from lcl_megatron.model.state import no_weight_decay
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

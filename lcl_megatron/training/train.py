@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 
-from lcl_megatron.config import Config, ConfigError, config_from_dict, load_config, steps_for, world_size_from_env
+from lcl_megatron.config import Config, ConfigError, load_config, steps_for, world_size_from_env
 from lcl_megatron.config_docs import default_model_warning, given_keys
 from lcl_megatron.data.global_batch import build_loader
 from lcl_megatron.layout import Layout
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         require_wandb()
     init_from = None
     if args.init_from:
-        from lcl_megatron.training.checkpoint import resolve_checkpoint
+        from lcl_megatron.checkpoint.format import resolve_checkpoint
 
         init_from = resolve_checkpoint(args.init_from)
     check_data(cfg)
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     """Refuse, before anything is built, a run directory we cannot write or whose checkpoints
     this run would mix with its own (and then prune as if they were its own)."""
-    from lcl_megatron.training.checkpoint import is_complete, step_directories
+    from lcl_megatron.checkpoint.format import CHECKPOINTS_DIR, is_complete, step_directories
 
     existing = run_dir
     while not existing.exists() and existing != existing.parent:
@@ -81,13 +81,13 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         raise ConfigError(f"run.dir '{run_dir}' is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"run.dir '{run_dir}': cannot write in '{existing}' (permission denied)")
-    steps = step_directories(run_dir / "checkpoints")
+    steps = step_directories(run_dir / CHECKPOINTS_DIR)
     names = ", ".join(p.name for p in steps)
     if steps and not resume:
         raise ConfigError(f"run.dir '{run_dir}' already holds checkpoints ({names}); pass --resume to continue "
                           "that run, or set run.dir to a fresh directory")
     if steps and resume and not any(is_complete(p) for p in steps):
-        raise ConfigError(f"--resume: no checkpoint in '{run_dir / 'checkpoints'}' is complete ({names}: their saves "
+        raise ConfigError(f"--resume: no checkpoint in '{run_dir / CHECKPOINTS_DIR}' is complete ({names}: their saves "
                           "never finished); delete them to start over, or set run.dir to a fresh directory")
 
 
@@ -124,8 +124,9 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     import yaml
     from megatron.core import parallel_state
 
+    from lcl_megatron.checkpoint.format import CHECKPOINTS_DIR, newest_checkpoint
+    from lcl_megatron.checkpoint.manager import load_checkpoint, pick_resume_checkpoint, save_checkpoint
     from lcl_megatron.parallel import init_distributed, is_main_process
-    from lcl_megatron.training import checkpoint as ckpt
     from lcl_megatron.training.engine import (build_engine, build_model, grad_norm_value, is_pipeline,
                                               pipeline_train_step, plain_train_step)
     from lcl_megatron.training.batches import TimedBatches, reads_data
@@ -143,7 +144,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     reader = reads_data(parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank())
     cfg.train.steps = steps_for(cfg.train, dp_size)  # train.samples: the steps follow this world's global batch
-    run_dir, ckpt_root = cfg.run_dir, cfg.run_dir / "checkpoints"
+    run_dir, ckpt_root = cfg.run_dir, cfg.run_dir / CHECKPOINTS_DIR
     newest = pick_resume_checkpoint(ckpt_root, cfg) if resume else None
     config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     if is_main_process():
@@ -159,17 +160,17 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
 
     def save(step: int) -> Path:
         try:
-            return ckpt.save_checkpoint(engine, ckpt_root, step, config_text=config_text,
-                                        loader_state=loader.state_dict() if reader else None, dp_rank=dp_rank,
-                                        keep=cfg.checkpoint.keep, vocab_size=cfg.model.text.vocab_size)
+            return save_checkpoint(engine, ckpt_root, step, config_text=config_text,
+                                   loader_state=loader.state_dict() if reader else None, dp_rank=dp_rank,
+                                   keep=cfg.checkpoint.keep, vocab_size=cfg.model.text.vocab_size)
         except DiskFull as e:
-            intact = ckpt.newest_checkpoint(ckpt_root)
+            intact = newest_checkpoint(ckpt_root)
             raise DiskFull(f"{e}; the checkpoint of step {step} was not saved, "
                            + (f"{intact} is intact: free space, then continue with --resume" if intact else
                               "and there is no earlier one: free space and start again")) from None
     step = 0
     if newest is not None:
-        step, loader_state = ckpt.load_checkpoint(engine, newest, dp_rank)
+        step, loader_state = load_checkpoint(engine, newest, dp_rank)
         if loader_state:
             loader.load_state_dict(loader_state)
         elif reader:
@@ -273,46 +274,6 @@ def skipped_counts(loader, cfg: Config, device) -> dict:
     return {reason: int(n) for reason, n in zip(SKIP_REASONS, counts.tolist()) if n}
 
 
-def pick_resume_checkpoint(ckpt_root: Path, cfg: Config) -> Path | None:
-    """Collective: the newest complete checkpoint whose files all match their manifest. One that
-    does not is set aside with a warning and the run continues from the one before; none left
-    that matches, or a model config that differs from the run's, is a ConfigError."""
-    import yaml
-
-    from lcl_megatron.parallel import is_main_process
-    from lcl_megatron.training import checkpoint as ckpt
-
-    candidates = ckpt.complete_checkpoints(ckpt_root)
-    for candidate in reversed(candidates):
-        problem = ckpt.verify_collectively(candidate)
-        if problem is None:
-            saved = config_from_dict(yaml.safe_load((candidate / ckpt.CONFIG_FILE).read_text())).to_dict()["model"]
-            differ = sorted(_differences(saved, cfg.to_dict()["model"], "model."))
-            if differ:
-                raise ConfigError(f"--resume: the model config differs from that of {candidate}: "
-                                  + ", ".join(differ) + "; resume with the run's model config")
-            return candidate
-        if is_main_process():
-            # Renamed, not deleted: kept for the user to inspect, but never found, loaded or pruned again.
-            aside = candidate.with_name(candidate.name + ".damaged")
-            candidate.rename(aside)
-            print(f"lcl train: warning: {problem}; moved it to {aside.name} and falling back to the previous "
-                  "complete checkpoint", file=sys.stderr, flush=True)
-    if candidates:
-        raise ConfigError(f"--resume: no checkpoint in '{ckpt_root}' matches its manifest "
-                          f"({', '.join(c.name for c in candidates)} are damaged); set run.dir to a fresh directory "
-                          "to start over")
-    return None
-
-
-def _differences(saved: dict, given: dict, prefix: str):
-    for key, value in saved.items():
-        if isinstance(value, dict):
-            yield from _differences(value, given.get(key, {}), f"{prefix}{key}.")
-        elif given.get(key) != value:
-            yield f"{prefix}{key}={given.get(key)!r} (checkpoint: {value!r})"
-
-
 def restart_schedule(engine, step: int, cfg: Config) -> None:
     """Continue the schedule of *this* config from `step`: a resumed run may change
     train.steps (to extend a run), and the restored optimizer holds the old run's rate."""
@@ -336,8 +297,6 @@ def full_model(model, engine, cfg: Config):
     stages share their own modules with). TP shards stay sharded: every rank runs
     the evaluation and the TP collectives stay in step.
     """
-    import torch.distributed as dist
-
     if engine.zero_optimization_partition_weights():
         import deepspeed
 
@@ -345,17 +304,10 @@ def full_model(model, engine, cfg: Config):
     else:
         gathered = contextlib.nullcontext()
         if engine.module is not model:
-            from megatron.core import parallel_state
-
+            from lcl_megatron.checkpoint.consolidated import whole_model_tensors
             from lcl_megatron.model.sharding import load_canonical
-            from lcl_megatron.training.checkpoint import stage_canonical_tensors
 
-            tensors = stage_canonical_tensors(engine, cfg.model.text.vocab_size)
-            first_of_stage = parallel_state.get_data_parallel_rank() == 0 \
-                and parallel_state.get_tensor_model_parallel_rank() == 0
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, {k: v.cpu() for k, v in tensors.items()} if first_of_stage else {})
-            load_canonical(model, {k: v for part in parts for k, v in part.items()})
+            load_canonical(model, whole_model_tensors(engine, cfg.model.text.vocab_size))
             model.to(engine.device)  # the other stages' modules never left the host
     with gathered:
         model.eval()

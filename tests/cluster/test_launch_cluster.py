@@ -112,7 +112,7 @@ def reference(slurm_cluster, config, tmp_path_factory):
 
 
 def test_two_node_job_trains_checkpoints_and_exits_0(reference):
-    from lcl_megatron.training.checkpoint import complete_checkpoints, read_manifest
+    from lcl_megatron.checkpoint.format import complete_checkpoints, read_manifest
 
     run_dir, job_id, losses = reference
     assert sorted(losses) == list(range(1, STEPS + 1))

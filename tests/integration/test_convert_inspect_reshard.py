@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lcl_megatron.convert.reshard import OPTIMIZER_STATE, OPTIMIZER_TENSORS
+from lcl_megatron.checkpoint.format import OPTIMIZER_STATE, OPTIMIZER_TENSORS
 from lcl_megatron.model.build import count_parameters, expected_tensor_shapes
 from lcl_megatron.config import load_config
 from tests.support.paths import REPO
@@ -97,7 +97,7 @@ def test_broken_checkpoints_exit_2(capsys, runs, tmp_path, command):
     assert "SHA-256" in check(corrupt)
 
     # A config that does not fit the tensors, with a manifest that vouches for it.
-    from lcl_megatron.training.checkpoint import read_manifest, write_manifest
+    from lcl_megatron.checkpoint.format import read_manifest, write_manifest
 
     mismatched = _broken(tmp_path, runs[0], "mismatched")
     config = (mismatched / "config.yaml").read_text()
@@ -112,7 +112,7 @@ def test_broken_checkpoints_exit_2(capsys, runs, tmp_path, command):
 
 
 def test_reshard_refuses_deepspeed_files_of_another_layout_than_the_config(capsys, runs, tmp_path):
-    from lcl_megatron.training.checkpoint import read_manifest, write_manifest
+    from lcl_megatron.checkpoint.format import read_manifest, write_manifest
 
     claims_zero3 = _broken(tmp_path, runs[1], "claims_zero3")
     config = (claims_zero3 / "config.yaml").read_text()
@@ -160,7 +160,7 @@ def test_reshard_to_consolidated_gives_the_same_state_from_every_zero_stage(caps
     assert again == (tmp_path / "consolidated1" / OPTIMIZER_TENSORS).read_bytes()
     (tmp_path / "again" / OPTIMIZER_TENSORS).unlink()
     (tmp_path / "again" / OPTIMIZER_STATE).unlink()
-    from lcl_megatron.training.checkpoint import read_manifest, write_manifest
+    from lcl_megatron.checkpoint.format import read_manifest, write_manifest
 
     write_manifest(tmp_path / "again", {k: v for k, v in read_manifest(tmp_path / "again").items() if k != "files"})
     err = _exit_2(capsys, "convert", "reshard", "--checkpoint", tmp_path / "again", "--layout", "consolidated",
@@ -191,7 +191,7 @@ def test_reshard_refuses_layouts_the_model_or_batch_cannot_take(capsys, runs, tm
 def test_training_continues_from_the_consolidated_checkpoint_on_another_zero_stage(capsys, runs, tmp_path, stage):
     """Step 1 under ZeRO-0, consolidated, then step 2 under ZeRO `stage` in an engine built from
     another seed: the loss and the weights equal those of the run that went on under ZeRO-0."""
-    from lcl_megatron.convert.reshard import load_canonical_state
+    from lcl_megatron.checkpoint.training_state import load_canonical_state
     from lcl_megatron.training.engine import build_engine, build_model, plain_train_step
     from lcl_megatron.data.global_batch import build_loader
 

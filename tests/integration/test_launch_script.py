@@ -64,7 +64,7 @@ def test_values_with_spaces_and_metacharacters_come_back_verbatim(capsys, tmp_pa
     weights = tmp_path / f"weights {NASTY}"
     weights.mkdir()
     (weights / "model.safetensors").write_bytes(b"")
-    from lcl_megatron.training.checkpoint import write_manifest
+    from lcl_megatron.checkpoint.format import write_manifest
 
     write_manifest(weights, {"step": 0})  # only a complete checkpoint is ever taken
     code, script, err = dry_run(capsys, "--config", str(config), "--nodes", "2", "--gpus-per-node", "1",

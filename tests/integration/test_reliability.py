@@ -23,7 +23,7 @@ from PIL import Image as PILImage
 
 from lcl_megatron.config import load_config
 from lcl_megatron.data.shards import write_shard
-from lcl_megatron.training.checkpoint import COMPLETE, complete_checkpoints
+from lcl_megatron.checkpoint.format import COMPLETE, complete_checkpoints
 from tests.support.launch import LCL, REPO, read_metrics, run_lcl
 from tests.support.configs import TINY
 from tests.support.configs import with_base
@@ -360,7 +360,7 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays(small_disk):
-    from lcl_megatron.training.checkpoint import verify_checkpoint
+    from lcl_megatron.checkpoint.format import verify_checkpoint
 
     run_dir = small_disk / "run"
     proc = run_lcl(train_args(run_dir, "train.steps=2", "checkpoint.every=1", "data.heldout="), check=False)
@@ -395,7 +395,7 @@ def test_eval_loss_refuses_a_batch_that_is_not_weights_only(run, tmp_path):
 def test_checkpoint_files_that_are_not_weights_only_are_refused(run, tmp_path):
     import datetime
 
-    from lcl_megatron.training.checkpoint import read_manifest, write_manifest
+    from lcl_megatron.checkpoint.format import read_manifest, write_manifest
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(run / "checkpoints" / STEP2, ckpt)

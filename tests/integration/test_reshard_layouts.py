@@ -48,7 +48,7 @@ def _reshard(src, layout, out, monkeypatch):
 def _canonical_state(ckpt):
     from safetensors.torch import load_file
 
-    from lcl_megatron.convert.reshard import OPTIMIZER_STATE, OPTIMIZER_TENSORS
+    from lcl_megatron.checkpoint.format import OPTIMIZER_STATE, OPTIMIZER_TENSORS
 
     return load_file(ckpt / OPTIMIZER_TENSORS), json.loads((ckpt / OPTIMIZER_STATE).read_text())
 
@@ -100,9 +100,10 @@ def test_canonical_state_round_trip_into_another_engine(tmp_path):
     from safetensors.torch import load_file
 
     from lcl_megatron.config import load_config
-    from lcl_megatron.convert.reshard import OPTIMIZER_TENSORS, load_canonical_state, write_canonical_state
+    from lcl_megatron.checkpoint.consolidated import write_model_file
+    from lcl_megatron.checkpoint.format import OPTIMIZER_TENSORS, write_manifest
+    from lcl_megatron.checkpoint.training_state import load_canonical_state, write_canonical_state
     from lcl_megatron.parallel import init_distributed
-    from lcl_megatron.training.checkpoint import write_consolidated, write_manifest
     from lcl_megatron.training.engine import build_engine, build_model, plain_train_step
     from lcl_megatron.data.global_batch import build_loader
 
@@ -121,7 +122,7 @@ def test_canonical_state_round_trip_into_another_engine(tmp_path):
     plain_train_step(source, batches, cfg, 1)
     saved = tmp_path / "saved"
     first = save_canonical(source, cfg, saved)
-    write_consolidated(source, saved, vocab)
+    write_model_file(source, saved, vocab)
     write_manifest(saved, {"step": 1})
 
     target_cfg = load_config("configs/demo.yaml", with_overrides(tiny, "parallel.zero_stage=3", "train.seed=99"))

@@ -6,7 +6,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from lcl_megatron.training.checkpoint import COMPLETE, complete_checkpoints, newest_checkpoint
+from lcl_megatron.checkpoint.format import COMPLETE, complete_checkpoints, newest_checkpoint
 from tests.support.configs import with_base
 from tests.support.launch import read_metrics, run_lcl
 

@@ -1,15 +1,17 @@
 """Checkpoints and exports built directly for conversion tests, without training."""
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from lcl_megatron.config import Config, ModelConfig, load_config
-from lcl_megatron.convert.native import model_tensors
-from lcl_megatron.convert.writer import write_checkpoint
+from lcl_megatron.checkpoint.consolidated import write_checkpoint
+from lcl_megatron.convert.output import atomic_directory
 from lcl_megatron.model.build import build_model
+from lcl_megatron.model.state import model_tensors
 from tests.support.configs import DEMO, TINY_MODEL
 
 
@@ -30,8 +32,9 @@ def random_checkpoint(model_cfg: ModelConfig, out, seed: int = 0):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    return write_checkpoint(out, cfg, model_tensors(model.state_dict()), meta={"step": 1234, "source": "test"},
-                            written_by="tests: random_checkpoint")
+    with atomic_directory(out, "tests: random_checkpoint") as tmp:
+        write_checkpoint(tmp, cfg, model_tensors(model.state_dict()), meta={"step": 1234, "source": "test"})
+    return Path(out)
 
 
 def images_for(size: int) -> list[Image.Image]:

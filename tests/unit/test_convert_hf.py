@@ -65,7 +65,7 @@ def test_refuses_checkpoints_that_do_not_check_out(capsys, tmp_path):
     # A config that does not match the tensors (the manifest is rewritten so only the config is wrong).
     config = (ckpt / "config.yaml").read_text()
     (ckpt / "config.yaml").write_text(config.replace("layers: 3", "layers: 4", 1))
-    from lcl_megatron.training.checkpoint import read_manifest, write_manifest
+    from lcl_megatron.checkpoint.format import read_manifest, write_manifest
 
     write_manifest(ckpt, {k: v for k, v in read_manifest(ckpt).items() if k != "files"})
     # --force, so that the checkpoint is what gets refused, not the folder of another export.

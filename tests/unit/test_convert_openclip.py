@@ -11,7 +11,7 @@ import pickle
 import pytest
 import torch
 
-from lcl_megatron.convert.native import check_tensors
+from lcl_megatron.checkpoint.consolidated import check_tensors
 from lcl_megatron.convert.openclip import from_openclip_state_dict, model_config_from_openclip
 from lcl_megatron.data.sequences import image_run as sequence_image_run
 from lcl_megatron.model.build import expected_tensor_shapes

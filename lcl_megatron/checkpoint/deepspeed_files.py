@@ -26,7 +26,9 @@ from types import SimpleNamespace
 
 import torch
 
+from lcl_megatron.checkpoint.format import safe_torch_load
 from lcl_megatron.config import Config
+from lcl_megatron.model.state import no_weight_decay
 
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 
@@ -36,8 +38,6 @@ class UnreadableCheckpoint(ValueError):
 
 
 def _load(path: Path) -> dict:
-    from lcl_megatron.training.checkpoint import safe_torch_load
-
     if not path.is_file():
         raise UnreadableCheckpoint(f"'{path.parent}' lacks DeepSpeed's file {path.name}")
     return safe_torch_load(path)
@@ -75,9 +75,7 @@ def _module_weights(ckpt: Path, states: dict, stage_layers: range | None, tp_ran
 
 def _torch_adam_state(states: dict, weights: OrderedDict) -> dict:
     """ZeRO-0: torch's AdamW state_dict numbers the parameters group by group, in the groups' order;
-    the groups are those training/optim.py builds (decay, then no decay), each in module order."""
-    from lcl_megatron.training.optim import no_weight_decay
-
+    the groups are those the optimizer builds by `no_weight_decay` (decay, then no decay), each in module order."""
     optimizer = states.get("optimizer")
     if not optimizer or "state" not in optimizer:
         raise UnreadableCheckpoint("the model states file holds no optimizer state")

@@ -1,7 +1,7 @@
-"""Checkpoints: DeepSpeed's sharded engine state plus a consolidated `model.safetensors`.
+"""The checkpoint format: its file names, its manifest, how a checkpoint is found, and safe reads and writes.
 
 A checkpoint is the directory `<run>/checkpoints/step_XXXXXXXX/`. It counts as
-complete only once every rank has written its shards and rank 0 has written
+complete only once every rank has written its files and rank 0 has written
 `COMPLETE` (a manifest with each file's size and SHA-256); `latest` is then
 replaced atomically. A crash mid-save therefore leaves the previous checkpoint
 as the newest complete one. Every load checks the files it reads against the
@@ -17,7 +17,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,10 +28,15 @@ from safetensors.torch import load as _load_safetensors, save_file
 from lcl_megatron.errors import UserError
 from lcl_megatron.utils import atomic_write, atomic_write_text
 
+CHECKPOINTS_DIR = "checkpoints"  # under the run directory
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
+# The layout-free training state (checkpoint/training_state.py):
+OPTIMIZER_TENSORS = "optimizer.safetensors"  # fp32/NAME, exp_avg/NAME, exp_avg_sq/NAME
+OPTIMIZER_STATE = "optimizer.json"  # Adam's step, the LR scheduler, the engine's counters
+LOADER_STATES = "loader_dp*.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -42,6 +46,15 @@ class CheckpointError(UserError):
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def is_step_directory(path: Path) -> bool:
+    return _STEP_DIR.match(Path(path).name) is not None
+
+
+def loader_file(dp_rank: int) -> str:
+    """The data position of one data-parallel rank."""
+    return f"loader_dp{dp_rank:05d}.json"
 
 
 def _safe_globals():
@@ -58,6 +71,8 @@ def _safe_globals():
 
 
 def safe_torch_load(path, map_location="cpu"):
+    """The one way a torch file is read: tensors, plain containers and the plain data classes
+    DeepSpeed writes; anything else is refused (CheckpointError), never run."""
     with torch.serialization.safe_globals(_safe_globals()):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -156,6 +171,11 @@ def verify_collectively(ckpt_dir: Path) -> str | None:
     return next((p for p in problems if p), None)
 
 
+def engine_files(manifest: dict) -> list[str]:
+    """The DeepSpeed files (one set per rank, torch's format) a checkpoint's manifest lists."""
+    return sorted(name for name in manifest["files"] if name.endswith(".pt"))
+
+
 def read_step(ckpt_dir: Path) -> int:
     return int(read_manifest(ckpt_dir)["step"])
 
@@ -168,7 +188,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoint directories under `root`, oldest first."""
     if not Path(root).is_dir():
         return []
-    found = [p for p in Path(root).iterdir() if _STEP_DIR.match(p.name) and is_complete(p)]
+    found = [p for p in Path(root).iterdir() if is_step_directory(p) and is_complete(p)]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -181,19 +201,25 @@ def step_directories(root: Path) -> list[Path]:
     """Every step directory under `root`, complete or not, oldest first."""
     if not Path(root).is_dir():
         return []
-    return sorted((p for p in Path(root).iterdir() if _STEP_DIR.match(p.name)), key=lambda p: p.name)
+    return sorted((p for p in Path(root).iterdir() if is_step_directory(p)), key=lambda p: p.name)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The one way a checkpoint is found: given as itself, as a run directory or as its
-    checkpoints/ directory (then its newest complete one). A directory whose save never
-    finished (no COMPLETE) is refused, never loaded."""
+    checkpoints/ directory (then its newest complete one), or as a `latest` file (then the
+    checkpoint it names, or the newest complete one beside it when that one is not complete).
+    A directory whose save never finished (no COMPLETE) is refused, never loaded."""
     path = Path(path)
     if is_complete(path):
         return path
     if (path / MODEL_FILE).exists() or any(path.glob("*model_states.pt")):
         raise CheckpointError(f"checkpoint '{path}' has no {COMPLETE} manifest: its save never finished")
-    for root in (path / "checkpoints", path):
+    if path.name == LATEST and path.is_file():
+        named = path.parent / path.read_text().strip()
+        if is_step_directory(named) and is_complete(named):
+            return named
+        path = path.parent
+    for root in (path / CHECKPOINTS_DIR, path):
         newest = newest_checkpoint(root)
         if newest is not None:
             return newest
@@ -202,18 +228,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"no complete checkpoint found at '{path}'")
 
 
-def prune(root: Path, keep: int, upto: str) -> None:
-    """Delete all but the `keep` newest complete checkpoints up to the one just saved (`upto`), and
-    incomplete ones older than them. Newer ones (a damaged checkpoint a resume passed over) stay."""
-    complete = [p for p in complete_checkpoints(root) if p.name <= upto]
-    if not complete:
-        return
-    for path in complete[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
-    newest = complete[-1].name
-    for path in Path(root).iterdir():
-        if _STEP_DIR.match(path.name) and not is_complete(path) and path.name < newest:
-            shutil.rmtree(path, ignore_errors=True)
+def open_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
+    """(checkpoint directory, its manifest), found by `resolve_checkpoint`; the files it lists
+    are checked as they are read (`verify_checkpoint`)."""
+    ckpt = resolve_checkpoint(path)
+    return ckpt, read_manifest(ckpt)
 
 
 def save_model_file(state_dict: dict, path: Path) -> None:
@@ -243,98 +262,3 @@ def load_model_file(path: Path) -> dict:
         return load_safetensors_bytes(data)
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"cannot read '{path}': {str(e).splitlines()[0]}") from None
-
-
-def save_checkpoint(engine, root: Path, step: int, *, config_text: str, loader_state: dict | None,
-                    dp_rank: int, keep: int, vocab_size: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
-    tag = tag_for(step)
-    ckpt_dir = Path(root) / tag
-    rank = dist.get_rank()
-    if rank == 0 and ckpt_dir.exists():  # a leftover of an interrupted save of this step
-        shutil.rmtree(ckpt_dir)
-    dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
-    if loader_state is not None:  # only the rank that reads the data of this data-parallel rank
-        atomic_write_text(ckpt_dir / f"loader_dp{dp_rank:05d}.json", json.dumps(loader_state))
-    write_consolidated(engine, ckpt_dir, vocab_size)
-    if rank == 0:
-        atomic_write_text(ckpt_dir / CONFIG_FILE, config_text)
-    dist.barrier()
-    if rank == 0:
-        write_manifest(ckpt_dir, {"step": step, "world_size": dist.get_world_size()})
-        atomic_write_text(Path(root) / LATEST, tag)
-        prune(Path(root), keep, upto=tag)
-    dist.barrier()
-    return ckpt_dir
-
-
-def write_consolidated(engine, ckpt_dir: Path, vocab_size: int) -> None:
-    """Collective: `model.safetensors` with every tensor under its single-process name and shape.
-
-    ZeRO-3 partitions are gathered by DeepSpeed, TP shards over the TP group;
-    pipeline stages each write a part that rank 0 merges.
-    """
-    from megatron.core import parallel_state
-
-    rank = dist.get_rank()
-    if engine.zero_optimization_partition_weights():
-        from lcl_megatron.convert.native import model_tensors
-
-        tensors = model_tensors(engine._zero3_consolidated_16bit_state_dict() or {})
-        if rank == 0:
-            save_model_file(tensors, ckpt_dir / MODEL_FILE)
-        return
-    tensors = stage_canonical_tensors(engine, vocab_size)
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if pp == 1:
-        if rank == 0:
-            save_model_file(tensors, ckpt_dir / MODEL_FILE)
-        return
-    stage = parallel_state.get_pipeline_model_parallel_rank()
-    part = ckpt_dir / f"model.stage{stage:03d}.safetensors"
-    if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
-        save_model_file(tensors, part)
-    dist.barrier()
-    if rank == 0:
-        merged = {}
-        for i in range(pp):
-            stage_file = ckpt_dir / f"model.stage{i:03d}.safetensors"
-            merged.update(load_model_file(stage_file))
-            stage_file.unlink()
-        save_model_file(merged, ckpt_dir / MODEL_FILE)
-
-
-def stage_canonical_tensors(engine, vocab_size: int) -> dict:
-    """Collective over TP: this pipeline stage's (or the whole model's) tensors, unsharded,
-    under their single-process names. Not for ZeRO-3, whose partitions DeepSpeed gathers."""
-    from megatron.core import parallel_state
-
-    from lcl_megatron.model.sharding import canonical_shapes, gather_canonical
-
-    tensors = gather_canonical(engine.module, canonical_shapes(engine.module, vocab_size))
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return tensors
-    from lcl_megatron.model.pipeline import canonical_name
-
-    layers = {int(name): module for name, module in engine.module.named_children() if name.isdigit()}
-    return {canonical_name(k, layers): v for k, v in tensors.items()}
-
-
-def load_checkpoint(engine, ckpt_dir: Path, dp_rank: int) -> tuple[int, dict]:
-    """Restore engine state; returns (step, this DP rank's loader state, {} if it has none).
-
-    A layout-free checkpoint (`lcl convert reshard`, with `optimizer.safetensors`)
-    goes into an engine of any layout; a DeepSpeed one needs the layout it was written with.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    if (ckpt_dir / "optimizer.safetensors").is_file():
-        from lcl_megatron.convert.reshard import load_canonical_state
-
-        load_canonical_state(engine, ckpt_dir)
-    else:
-        engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
-    step = read_step(ckpt_dir)
-    loader_file = ckpt_dir / f"loader_dp{dp_rank:05d}.json"
-    loader_state = json.loads(loader_file.read_text()) if loader_file.exists() else {}
-    return step, loader_state
