@@ -29,14 +29,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import re
 import sys
 from dataclasses import dataclass, field
 
 from lcl_megatron.config import Config, ConfigError, load_config, steps_for, validate_model
+from lcl_megatron.model.dims import lm_ffn_hidden_size, max_images_per_microbatch, vit_ffn_hidden_size
+from lcl_megatron.model.names import stage_of
 
 GiB = 1024 ** 3
-_LM_LAYER = re.compile(r"^text\.layers\.(\d+)\.")
 
 
 # ---------------------------------------------------------------- layout
@@ -78,7 +78,7 @@ def check_layout(cfg: Config, nodes: int, gpus_per_node: int) -> Layout:
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
     groups = t.num_query_groups or t.heads
-    lm_ffn, vit_ffn = lm_ffn_hidden_size(cfg), vit_ffn_hidden_size(cfg)
+    lm_ffn, vit_ffn = lm_ffn_hidden_size(t), vit_ffn_hidden_size(v)
     for what, count, key in [
         ("ViT heads", v.heads, "model.vision.head_width"),
         ("LM heads", t.heads, "model.text.heads"),
@@ -118,21 +118,6 @@ def check_layout(cfg: Config, nodes: int, gpus_per_node: int) -> Layout:
 
 def _nodes(n: int) -> str:
     return f"{n} node{'s' if n != 1 else ''}"
-
-
-def lm_ffn_hidden_size(cfg: Config) -> int:
-    from lcl_megatron.model.layers import default_ffn_hidden_size, llama_ffn_hidden_size
-
-    t = cfg.model.text
-    if t.arch == "llama":
-        return t.ffn_hidden_size or llama_ffn_hidden_size(t.width)
-    return default_ffn_hidden_size(t.width, t.mlp_ratio)
-
-
-def vit_ffn_hidden_size(cfg: Config) -> int:
-    from lcl_megatron.model.layers import default_ffn_hidden_size
-
-    return default_ffn_hidden_size(cfg.model.vision.width, cfg.model.vision.mlp_ratio)
 
 
 def lm_layers_per_stage(layers: int, pp: int, first_stage_layers: int = -1) -> list[int]:
@@ -179,23 +164,6 @@ def sharded_tensors(cfg: Config, model=None) -> list[Tensor]:
         shape = canonical_shape(name, local, param, cfg.model.text.vocab_size)
         out.append(Tensor(name, tuple(shape), param.partition_dim if split else None))
     return out
-
-
-def stage_of(name: str, stage_layers: list[int]) -> int:
-    """The pipeline stage holding tensor `name`."""
-    if name.startswith(("visual.", "pool_project.", "text.embedding.")):
-        return 0
-    if name.startswith(("text.context_head.", "text.lm_head.")) or name == "logit_scale":
-        return len(stage_layers) - 1
-    match = _LM_LAYER.match(name)
-    if match is None:
-        raise RuntimeError(f"lcl plan does not know which pipeline stage holds '{name}'; update stage_of")
-    layer, first = int(match.group(1)), 0
-    for stage, count in enumerate(stage_layers):
-        if layer < first + count:
-            return stage
-        first += count
-    raise RuntimeError(f"LM layer {layer} is beyond the {first} layers of the stages")
 
 
 def tokens_per_microbatch(name: str, cfg: Config, images: int) -> int:
@@ -324,7 +292,6 @@ class Plan:
 def images_per_microbatch(cfg: Config) -> int:
     """The most images a micro-batch brings: the pipeline's static bound (parallel.max_images, by
     default micro_batch_size x data.max_images), at most as many image runs as the contexts hold."""
-    from lcl_megatron.training.engine import max_images_per_microbatch
 
     fit = cfg.train.micro_batch_size * (cfg.model.text.context_length // (cfg.model.vision.num_patches + 2))
     return max(1, min(max_images_per_microbatch(cfg), fit))
@@ -351,12 +318,12 @@ def _stage(s: _Setup, index: int, stage_layers: list[int]) -> Stage:
     params = sum(x.numel(tp) for x in stage_tensors)
 
     lm = Tower(prefix="text.layers.", causal=True, seq=t.context_length, batch=mbs, width=t.width, heads=t.heads,
-               query_groups=t.num_query_groups or t.heads, ffn=lm_ffn_hidden_size(cfg), gated=t.arch == "llama",
+               query_groups=t.num_query_groups or t.heads, ffn=lm_ffn_hidden_size(t), gated=t.arch == "llama",
                sp=lay.sp, layers=stage_layers[index], checkpoint=cfg.parallel.activation_checkpointing_lm)
     towers = [lm]
     if first:
         towers.insert(0, Tower(prefix="visual.layers.", causal=False, seq=v.num_patches + 1, batch=s.images,
-                               width=v.width, heads=v.heads, query_groups=v.heads, ffn=vit_ffn_hidden_size(cfg),
+                               width=v.width, heads=v.heads, query_groups=v.heads, ffn=vit_ffn_hidden_size(v),
                                gated=False, sp=lay.vit_sp, layers=v.layers,
                                checkpoint=cfg.parallel.activation_checkpointing_vit))
 

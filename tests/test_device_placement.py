@@ -122,7 +122,8 @@ def test_plain_step_runs_on_the_device_with_one_host_read(groups, impl):
 
 def test_pipeline_step_runs_on_the_device(groups):
     from lcl_megatron.model.pipeline import pipeline_layers
-    from lcl_megatron.training.engine import max_images_per_microbatch, pipeline_train_step
+    from lcl_megatron.model.dims import max_images_per_microbatch
+    from lcl_megatron.training.engine import pipeline_train_step
 
     cfg = tiny_config()
     batches = _batches(cfg)

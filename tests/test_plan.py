@@ -11,7 +11,6 @@ import pytest
 
 from lcl_megatron import plan
 from lcl_megatron.config import load_config
-from lcl_megatron.model.layers import llama_ffn_hidden_size
 from tests.launch import REPO, run_lcl
 
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -37,7 +36,7 @@ def hand_count(cfg, tp: int) -> int:
         whole += t.context_length * D + t.layers * (2 * D + 4 * D) + 2 * D + 2 * D  # positions, biases, norms
         split += t.layers * (3 * D * D + 3 * D + D * D + 2 * ffn * D + ffn)
     else:
-        ffn = t.ffn_hidden_size or llama_ffn_hidden_size(D)
+        ffn = t.ffn_hidden_size or 256 * math.ceil(int(8 * D / 3) / 256)  # Llama: 2/3 of 4D, rounded up to 256
         kv = 2 * (t.num_query_groups or t.heads) * (D // t.heads) * D
         whole += t.layers * 2 * D + D + D  # RMSNorms: two per layer, ln_final, the head's
         split += t.layers * (D * D + kv + D * D + 3 * ffn * D)  # q, k/v, proj, SwiGLU fc1 (gate, up) and fc2

@@ -33,6 +33,7 @@ from lcl_megatron.convert.hub import push_folder
 from lcl_megatron.convert.openclip import qkv_from_megatron
 from lcl_megatron.convert.output import add_output_flags, write_guarded
 from lcl_megatron.data.images import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from lcl_megatron.model.dims import vit_ffn_hidden_size
 
 TO_HF = "lcl convert to-hf"
 LOADER_MODULE = "lcl_pool_project.py"
@@ -58,7 +59,7 @@ def hf_vision_config(cfg: Config, dtype: torch.dtype) -> dict:
         "architectures": ["CLIPVisionModel"],
         "model_type": "clip_vision_model",
         "hidden_size": v.width,
-        "intermediate_size": int(v.width * v.mlp_ratio),
+        "intermediate_size": vit_ffn_hidden_size(v),
         "num_hidden_layers": v.layers,
         "num_attention_heads": v.heads,
         "num_channels": 3,

@@ -7,8 +7,6 @@ changing the spec here, never the model code.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -113,12 +111,3 @@ def run_layers(layers, hidden, *, checkpoint: bool = False, **kwargs):
             hidden = layer(hidden, attention_mask=None, **kwargs)[0]
     return hidden
 
-
-def default_ffn_hidden_size(width: int, mlp_ratio: float) -> int:
-    return int(width * mlp_ratio)
-
-
-def llama_ffn_hidden_size(width: int, multiple_of: int = 256) -> int:
-    """Llama's SwiGLU width: 2/3 of 4w, rounded up to a multiple."""
-    hidden = int(2 * 4 * width / 3)
-    return multiple_of * math.ceil(hidden / multiple_of)

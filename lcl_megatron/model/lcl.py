@@ -15,7 +15,8 @@ from lcl_megatron import tokens
 from lcl_megatron.config import Config, ModelConfig
 from lcl_megatron.loss import combine_losses, contrastive_loss_sum, regression_loss_sum, zero_keeping_graph
 from lcl_megatron.model.language_model import LanguageModel
-from lcl_megatron.model.layers import (default_ffn_hidden_size, llama_ffn_hidden_size, transformer_config)
+from lcl_megatron.model.dims import exp_logit_scale, lm_ffn_hidden_size, vit_ffn_hidden_size
+from lcl_megatron.model.layers import transformer_config
 from lcl_megatron.model.pool_project import AttentivePoolProject
 from lcl_megatron.model.sequence_parallel import install_grad_hooks
 from lcl_megatron.model.sharding import mark_glu
@@ -70,12 +71,10 @@ class LCLModel(nn.Module):
         # The ViT's sequence (patches + class token) is sliced only when it divides evenly.
         vit_sp = sp and (v.num_patches + 1) % tp == 0
         vit_config = transformer_config(width=v.width, heads=v.heads, layers=v.layers, arch="clip",
-                                        ffn_hidden_size=default_ffn_hidden_size(v.width, v.mlp_ratio),
+                                        ffn_hidden_size=vit_ffn_hidden_size(v),
                                         tp=tp, sp=vit_sp, dtype=dtype)
-        lm_ffn = (t.ffn_hidden_size or llama_ffn_hidden_size(t.width)) if t.arch == "llama" \
-            else default_ffn_hidden_size(t.width, t.mlp_ratio)
         lm_config = transformer_config(width=t.width, heads=t.heads, layers=t.layers, arch=t.arch,
-                                       ffn_hidden_size=lm_ffn, tp=tp, sp=sp, dtype=dtype,
+                                       ffn_hidden_size=lm_ffn_hidden_size(t), tp=tp, sp=sp, dtype=dtype,
                                        num_query_groups=t.num_query_groups or t.heads)
         self.visual = VisionTransformer(v, vit_config, checkpoint_layers=checkpoint_vit)
         self.pool_project = AttentivePoolProject(v.width, cfg.embed_dim, cfg.pool_heads)
@@ -138,12 +137,6 @@ class LCLModel(nn.Module):
         return lcl_losses(latents, hidden, input_ids, attention_mask.bool(), position_ids,
                           context_head=self.text.context_head, lm_head=self.text.lm_head, scale=self.scale(),
                           impl=self.loss_impl, **self.loss_weights)
-
-
-def exp_logit_scale(logit_scale: torch.Tensor) -> torch.Tensor:
-    """The contrastive temperature: exp of the parameter, in fp32. Its cap (ln 100) is kept by
-    clamping the parameter after each optimizer step (training/optim.py), as the reference does."""
-    return logit_scale.float().exp().squeeze(0)
 
 
 def encode_images_always(visual, pool_project, images: torch.Tensor, image_size: int):

@@ -15,14 +15,11 @@ import torch
 import torch.distributed as dist
 
 from lcl_megatron.config import Config
+from lcl_megatron.model.dims import logit_scale_range, max_images_per_microbatch
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss): one line, exit code 1."""
-
-
-def max_images_per_microbatch(cfg: Config) -> int:
-    return cfg.parallel.max_images or cfg.train.micro_batch_size * cfg.data.max_images
 
 
 # Gradient buckets, in elements: large enough to keep the links busy, small enough to overlap with
@@ -122,7 +119,7 @@ def build_engine(cfg: Config, model):
     engine.checkpoint_engine = SafeCheckpointEngine()
     verify_groups_match(engine)
     record_grad_norm(engine)
-    clamp_logit_scale_after_each_step(engine, cfg.model.max_logit_scale)
+    clamp_logit_scale_after_each_step(engine, logit_scale_range(cfg.model))
     return engine
 
 

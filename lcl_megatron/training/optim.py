@@ -59,9 +59,9 @@ def clamp_parameter_(param: torch.nn.Parameter, low: float, high: float, masters
             masters[id(param)].clamp_(low, high)
 
 
-def clamp_logit_scale_after_each_step(engine, max_logit_scale: float) -> None:
+def clamp_logit_scale_after_each_step(engine, bounds: tuple[float, float]) -> None:
     """The reference's rule: after every optimizer step the temperature parameter is clamped to
-    [0, max_logit_scale] (ln 100), in fp32. Clamping the parameter, not its use, keeps its
+    `bounds` ([0, ln 100]), in fp32. Clamping the parameter, not its use, keeps its
     gradient alive, so a scale that reached the cap can come down again. Every layout steps
     through `_take_model_step`, on the ranks that hold `logit_scale` (the last pipeline stage)."""
     params = [p for name, p in engine.module.named_parameters() if name.rsplit(".", 1)[-1] == "logit_scale"]
@@ -75,7 +75,7 @@ def clamp_logit_scale_after_each_step(engine, max_logit_scale: float) -> None:
     def clamped_step(*args, **kwargs):
         out = take_step(*args, **kwargs)
         for param in params:
-            clamp_parameter_(param, 0.0, max_logit_scale, masters)
+            clamp_parameter_(param, *bounds, masters)
         return out
 
     engine._take_model_step = clamped_step
