@@ -66,6 +66,10 @@ class LMLayerStage(nn.Module):
         return hidden, latents, num_images, input_ids, attention_mask
 
 
+# What the loss stage reports besides the loss, in the order of its metrics tensor.
+METRICS = ("generation_loss", "contrastive_loss", "regression_loss", "logit_scale")
+
+
 class LossStage(nn.Module):
     CANONICAL = names.LOSS_BLOCK
 
@@ -74,9 +78,9 @@ class LossStage(nn.Module):
         self.context_head, self.lm_head, self.logit_scale = model.text.context_head, model.text.lm_head, model.logit_scale
         self.sequence_parallel = model.text.sequence_parallel
         self.loss_impl, self.loss_weights = model.loss_impl, model.loss_weights
-        self.last_metrics: list[torch.Tensor] = []  # per micro-batch (generation, contrastive, regression, logit_scale)
 
     def forward(self, inputs):
+        """(loss, the METRICS of this micro-batch stacked in one tensor)."""
         hidden, latents, num_images, input_ids, attention_mask = inputs
         if self.sequence_parallel:
             hidden = gather_from_sequence(hidden)
@@ -84,9 +88,7 @@ class LossStage(nn.Module):
         out = lcl_losses(latents[: int(num_images.item())], hidden.transpose(0, 1), input_ids, attention_mask.bool(),
                          context_head=self.context_head, lm_head=self.lm_head, scale=scale, impl=self.loss_impl,
                          **self.loss_weights)
-        self.last_metrics.append(torch.stack([out["generation_loss"], out["contrastive_loss"], out["regression_loss"],
-                                              out["logit_scale"]]))
-        return out["loss"]
+        return out["loss"], torch.stack([out[name].float() for name in METRICS])
 
 
 def pipeline_layers(model: LCLModel, max_images: int) -> list[nn.Module]:

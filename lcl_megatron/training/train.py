@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     check_data(cfg)
     from lcl_megatron.model.pipeline import PipelineInputError
     from lcl_megatron.parallel import destroy_process_groups
-    from lcl_megatron.training.engine import TrainingError
+    from lcl_megatron.training.step import TrainingError
 
     try:
         result = train(cfg, resume=args.resume, init_from=init_from)
@@ -126,15 +126,15 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
 
     from lcl_megatron.parallel import init_distributed, is_main_process
     from lcl_megatron.training import checkpoint as ckpt
-    from lcl_megatron.training.engine import (build_engine, build_model, grad_norm_value, is_pipeline,
-                                              pipeline_train_step, plain_train_step)
+    from lcl_megatron.training.engine import build_engine, is_pipeline
+    from lcl_megatron.training.initial_model import build_initial_model
     from lcl_megatron.training.batches import TimedBatches, reads_data
     from lcl_megatron.training.metrics import MetricsLogger
-    from lcl_megatron.training.engine import TrainingError
     from lcl_megatron.training.profiling import StepProfiler, dump_cuda_memory_snapshot, record_cuda_memory_history
     from lcl_megatron.training.throughput import StepMeter
     from lcl_megatron.training.wandb_run import WandbRun
     from lcl_megatron.training.preemption import PreemptionWatcher
+    from lcl_megatron.training.step import TrainingError, grad_norm_value, pipeline_train_step, plain_train_step
     from lcl_megatron.utils import DiskFull, atomic_write_text
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -150,7 +150,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", config_text)
 
-    model = build_model(cfg, init_from)
+    model = build_initial_model(cfg, init_from)
     engine = build_engine(cfg, model)
     train_step = pipeline_train_step if is_pipeline(engine) else plain_train_step
     loader = build_loader(cfg, dp_rank, dp_size)
