@@ -12,9 +12,10 @@ from megatron.core import parallel_state
 from torch import nn
 
 from lcl_megatron import tokens
-from lcl_megatron.config import Config, ModelConfig
+from lcl_megatron.config import Config, LossConfig, ModelConfig
 from lcl_megatron.loss import combine_losses, contrastive_loss_sum, regression_loss_sum, zero_keeping_graph
 from lcl_megatron.model.language_model import LanguageModel
+from lcl_megatron.model.backends import LocalBackend, backend_for_this_machine
 from lcl_megatron.model.dims import exp_logit_scale, lm_ffn_hidden_size, vit_ffn_hidden_size
 from lcl_megatron.model.layers import transformer_config
 from lcl_megatron.model.pool_project import AttentivePoolProject
@@ -63,40 +64,39 @@ def packed_params(cu_seqlens, row_length: int):
 
 
 class LCLModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, tp: int = 1, sp: bool = False, dtype=torch.float32,
-                 checkpoint_vit: bool = False, checkpoint_lm: bool = False):
+    def __init__(self, cfg: ModelConfig, loss: LossConfig, *, backend: type[LocalBackend] = LocalBackend, tp: int = 1,
+                 sp: bool = False, dtype=torch.float32, checkpoint_vit: bool = False, checkpoint_lm: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.backend = backend
         v, t = cfg.vision, cfg.text
         # The ViT's sequence (patches + class token) is sliced only when it divides evenly.
         vit_sp = sp and (v.num_patches + 1) % tp == 0
         vit_config = transformer_config(width=v.width, heads=v.heads, layers=v.layers, arch="clip",
                                         ffn_hidden_size=vit_ffn_hidden_size(v),
-                                        tp=tp, sp=vit_sp, dtype=dtype)
+                                        tp=tp, dtype=dtype)
         lm_config = transformer_config(width=t.width, heads=t.heads, layers=t.layers, arch=t.arch,
-                                       ffn_hidden_size=lm_ffn_hidden_size(t), tp=tp, sp=sp, dtype=dtype,
+                                       ffn_hidden_size=lm_ffn_hidden_size(t), tp=tp, dtype=dtype,
                                        num_query_groups=t.num_query_groups or t.heads)
-        self.visual = VisionTransformer(v, vit_config, checkpoint_layers=checkpoint_vit)
+        self.visual = VisionTransformer(v, vit_config, backend(sequence_parallel=vit_sp), checkpoint_layers=checkpoint_vit)
         self.pool_project = AttentivePoolProject(v.width, cfg.embed_dim, cfg.pool_heads)
-        self.text = LanguageModel(t, lm_config, checkpoint_layers=checkpoint_lm)
+        self.text = LanguageModel(t, lm_config, backend(sequence_parallel=sp), loss.impl, checkpoint_layers=checkpoint_lm)
         # Shape [1], not the reference's []: DeepSpeed cannot broadcast 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
-        self.loss_weights = {"generation_weight": 1.0, "contrastive_weight": 0.1}
-        self.loss_impl = "fused"
+        self.loss_weights = {"generation_weight": loss.generation_weight, "contrastive_weight": loss.contrastive_weight,
+                             "regression_weight": loss.regression_weight}
+        self.loss_impl = loss.impl
         self.to(dtype)
         mark_glu(self)
         install_grad_hooks(self)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "LCLModel":
+    def from_config(cls, cfg: Config, backend: type[LocalBackend] | None = None) -> "LCLModel":
+        """The model of `cfg` with the layer modules of `backend` (default: the best this machine runs)."""
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        model = cls(cfg.model, tp=cfg.parallel.tp, sp=cfg.parallel.sp, dtype=dtype,
-                    checkpoint_vit=cfg.parallel.activation_checkpointing_vit,
+        model = cls(cfg.model, cfg.loss, backend=backend or backend_for_this_machine(), tp=cfg.parallel.tp,
+                    sp=cfg.parallel.sp, dtype=dtype, checkpoint_vit=cfg.parallel.activation_checkpointing_vit,
                     checkpoint_lm=cfg.parallel.activation_checkpointing_lm)
-        model.loss_weights = {"generation_weight": cfg.loss.generation_weight,
-                              "contrastive_weight": cfg.loss.contrastive_weight,
-                              "regression_weight": cfg.loss.regression_weight}
-        model.loss_impl = model.text.lm_head.impl = cfg.loss.impl
         if cfg.model.init == "reference" and not model.logit_scale.is_meta:
             from lcl_megatron.model.init import reference_init_
 

@@ -155,7 +155,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     train_step = pipeline_train_step if is_pipeline(engine) else plain_train_step
     loader = build_loader(cfg, dp_rank, dp_size)
     if is_main_process():
-        print(f"lcl train: {describe_backends(cfg, engine, loader)}", flush=True)
+        print(f"lcl train: {describe_backends(cfg, engine, loader, model.backend.name)}", flush=True)
 
     def save(step: int) -> Path:
         try:
@@ -239,23 +239,22 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     return last
 
 
-def describe_backends(cfg: Config, engine, loader) -> str:
+def describe_backends(cfg: Config, engine, loader, layers: str) -> str:
     """One line: what runs where, so a slow or surprising run shows its cause at the start."""
     import torch
     import torch.distributed as dist
 
     from kernels.attention import backend_name
+    from lcl_megatron.loss import describe_losses
 
     device = torch.device(engine.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     precision = "bf16 (fp32 master weights, gradients accumulated and reduced in fp32)" \
         if cfg.train.precision == "bf16" else "fp32" + (" (TF32 matmuls)" if device.type == "cuda" and cfg.train.tf32 else "")
     zero = engine.zero_optimization_stage() if engine.zero_optimization() else 0
-    losses = "Triton fused" if device.type == "cuda" and cfg.loss.impl == "fused" else \
-        "chunked torch" if cfg.loss.impl == "fused" else "plain torch"
     workers = getattr(getattr(loader, "loader", loader), "num_workers", 0)
     return (f"{dist.get_world_size()} x {name}, {precision}, ZeRO {zero}; attention {backend_name(device.type)}; "
-            f"losses {losses}; layers megatron-core with torch norms; {workers} loader worker(s) per reader")
+            f"losses {describe_losses(cfg.loss.impl, device.type)}; layers {layers}; {workers} loader worker(s) per reader")
 
 
 def skipped_counts(loader, cfg: Config, device) -> dict:
