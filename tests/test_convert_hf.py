@@ -14,7 +14,7 @@ from lcl_megatron.config import Config, ModelConfig, TextConfig, VisionConfig, l
 from lcl_megatron.convert.native import model_tensors
 from lcl_megatron.convert.writer import write_checkpoint
 from lcl_megatron.data.images import preprocess_image
-from lcl_megatron.eval.common import load_for_eval
+from lcl_megatron.eval.model_from_checkpoint import load_for_eval
 from lcl_megatron.model.build import build_model
 from tests.paths import REPO
 from tests.test_convert_openclip import run_cli

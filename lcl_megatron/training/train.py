@@ -233,6 +233,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
                             "(open it at https://pytorch.org/memory_viz)") from None
     finally:
         log.close()
+        watcher.close()  # the caller's signal handlers again (a later SIGINT interrupts as usual)
     if is_main_process():
         print(f"checkpoint: {final}")
     last["exit_code"] = watcher.after_final_checkpoint()
