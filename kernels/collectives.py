@@ -28,3 +28,36 @@ def reduce_scatter_rows(x: torch.Tensor, group) -> torch.Tensor:
     out = x.new_empty((x.shape[0] // world, *x.shape[1:]))
     reduce_scatter_into(out, x.contiguous(), group=group)
     return out
+
+
+class _GatherRowsWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather_rows(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_rows(grad, ctx.group), None
+
+
+class _ReduceScatterRowsWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return reduce_scatter_rows(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_rows(grad, ctx.group), None
+
+
+def gather_rows_with_grad(x: torch.Tensor, group) -> torch.Tensor:
+    """`all_gather_rows` whose backward sums every rank's gradient contributions back to the
+    rows' owner (a reduce-scatter): for rows that feed a computation each rank does in part."""
+    return _GatherRowsWithGrad.apply(x, group)
+
+
+def reduce_scatter_rows_with_grad(x: torch.Tensor, group) -> torch.Tensor:
+    """`reduce_scatter_rows` whose backward all-gathers the gradient."""
+    return _ReduceScatterRowsWithGrad.apply(x, group)

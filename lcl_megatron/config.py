@@ -76,7 +76,7 @@ class TextConfig:
     num_query_groups: int = 0
     """llama only: key/value head groups; 0: same as heads (multi-head attention)"""
     ffn_hidden_size: int = 0
-    """llama only: SwiGLU hidden size; 0: derived from mlp_ratio"""
+    """llama only: SwiGLU hidden size; 0: Llama's rule, 2/3 of 4 x width rounded up to a multiple of 256"""
     rotary_base: float = 10000.0
     """llama only: rotary position embedding base"""
 

@@ -17,7 +17,8 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
-from kernels.collectives import all_gather_rows, reduce_scatter_rows
+from kernels.collectives import gather_rows_with_grad
+from kernels.contrastive_loss import contrastive_loss, contrastive_loss_reference
 
 
 def _kernel_impl(tensor) -> str | None:
@@ -25,22 +26,15 @@ def _kernel_impl(tensor) -> str | None:
     return None if tensor.is_cuda else "torch"
 
 
+def describe_losses(impl: str, device_type: str) -> str:
+    """The loss kernels `impl` runs on this device type, for the start-up line."""
+    if impl != "fused":
+        return "plain torch"
+    return "Triton fused" if device_type == "cuda" else "chunked torch"
+
+
 def _group_size(group) -> int:
     return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    """Concatenate every rank's rows; the backward pass sums each rank's gradient
-    contributions back to the rows' owner (a reduce-scatter)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather_rows(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return reduce_scatter_rows(grad, ctx.group), None
 
 
 def _all_reduce_sum(value: torch.Tensor, group) -> torch.Tensor:
@@ -65,8 +59,8 @@ def gather_features(image_features, context_features, group):
     dist.all_reduce(counts, group=group)
     width = int(counts.max())
     pad = lambda t: torch.cat([t, t.new_zeros(width - n, t.shape[1])]) if width > n else t
-    all_image = _AllGatherWithGrad.apply(pad(image_features), group)
-    all_context = _AllGatherWithGrad.apply(pad(context_features), group)
+    all_image = gather_rows_with_grad(pad(image_features), group)
+    all_context = gather_rows_with_grad(pad(context_features), group)
     column_valid = (torch.arange(width, device=counts.device)[None, :] < counts[:, None]).reshape(-1)
     return all_image, all_context, targets + dist.get_rank(group) * width, column_valid
 
@@ -78,17 +72,10 @@ def contrastive_loss_sum(image_features, context_features, logit_scale, group=No
     """
     all_image, all_context, targets, column_valid = gather_features(image_features, context_features, group)
     if impl == "fused":
-        from kernels import contrastive_loss
-
         return contrastive_loss(image_features, context_features, all_image, all_context, logit_scale,
                                 targets, column_valid, reduction="sum", impl=_kernel_impl(image_features))
-    logits_i2t = logit_scale * image_features @ all_context.t()
-    logits_t2i = logit_scale * context_features @ all_image.t()
-    if column_valid is not None:
-        logits_i2t = logits_i2t.masked_fill(~column_valid, float("-inf"))
-        logits_t2i = logits_t2i.masked_fill(~column_valid, float("-inf"))
-    return (F.cross_entropy(logits_i2t, targets, reduction="sum")
-            + F.cross_entropy(logits_t2i, targets, reduction="sum")) / 2
+    return contrastive_loss_reference(image_features, context_features, all_image, all_context, logit_scale,
+                                      targets, column_valid, reduction="sum")
 
 
 def token_cross_entropy_sum(hidden, output_layer, targets, vocab_size: int, impl="torch"):

@@ -60,13 +60,15 @@ def prepare_steps(cfg: Config, synthetic: bool):
 
     from lcl_megatron.parallel import init_distributed
     from lcl_megatron.plan.costs import images_per_microbatch
-    from lcl_megatron.training.engine import build_engine, build_model, is_pipeline, pipeline_train_step, plain_train_step
+    from lcl_megatron.training.engine import build_engine, is_pipeline
+    from lcl_megatron.training.initial_model import build_initial_model
+    from lcl_megatron.training.step import pipeline_train_step, plain_train_step
     from lcl_megatron.data.global_batch import build_loader
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     init_distributed(cfg.parallel, timeout_s=cfg.parallel.timeout_s)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    model = build_model(cfg)
+    model = build_initial_model(cfg)
     engine = build_engine(cfg, model)
     step_fn = pipeline_train_step if is_pipeline(engine) else plain_train_step
     batches = synthetic_batches(cfg, images_per_microbatch(cfg), seed=dp_rank) if synthetic \

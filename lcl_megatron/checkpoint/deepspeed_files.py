@@ -172,9 +172,10 @@ def _canonical_namer(cfg: Config):
     """Local parameter name -> single-process name (pipeline stages name theirs by layer index)."""
     if cfg.parallel.pp == 1:
         return lambda name: name
-    from lcl_megatron.model.pipeline import canonical_name, layer_prefixes
+    from lcl_megatron.model.names import block_prefixes
+    from lcl_megatron.model.pipeline import canonical_name
 
-    prefixes = layer_prefixes(cfg.model.text.layers)
+    prefixes = block_prefixes(cfg.model.text.layers)
     layers = {i: SimpleNamespace(CANONICAL=p) for i, p in enumerate(prefixes)}
     return lambda name: canonical_name(name, layers)
 

@@ -60,7 +60,7 @@ def hf_vision_config(cfg: Config, dtype: torch.dtype) -> dict:
         "architectures": ["CLIPVisionModel"],
         "model_type": "clip_vision_model",
         "hidden_size": v.width,
-        "intermediate_size": int(v.width * v.mlp_ratio),
+        "intermediate_size": v.ffn_width,
         "num_hidden_layers": v.layers,
         "num_attention_heads": v.heads,
         "num_channels": 3,

@@ -78,7 +78,7 @@ def clip_vit_settings(cfg: Config) -> dict:
         "CLIPViTModel": {"model_subtype": "clip", "add_class_token": True, "class_token_len": 1,
                          "patch_dim": v.patch_size, "img_h": v.image_size, "img_w": v.image_size},
         "TransformerConfig": {"num_layers": v.layers, "hidden_size": v.width, "num_attention_heads": v.heads,
-                              "kv_channels": v.head_width, "ffn_hidden_size": int(v.width * v.mlp_ratio),
+                              "kv_channels": v.head_width, "ffn_hidden_size": v.ffn_width,
                               "normalization": "LayerNorm", "layernorm_epsilon": 1e-5, "activation_func": "gelu",
                               "add_bias_linear": True, "add_qkv_bias": True, "gated_linear_unit": False},
         "attn_mask_type": "no_mask",
@@ -93,7 +93,7 @@ def export(ckpt: Path, out: Path, tp: int) -> Path:
     ckpt, manifest = open_checkpoint(ckpt)
     cfg, tensors = read_checkpoint(ckpt)
     v = cfg.model.vision
-    if tp < 1 or v.heads % tp or int(v.width * v.mlp_ratio) % tp:
+    if tp < 1 or v.heads % tp or v.ffn_width % tp:
         raise ConfigError(f"--tensor-parallel-size {tp} must divide the ViT's {v.heads} heads and its MLP width")
     record = {"written_by": TO_MEGATRON, "source": {"checkpoint": str(ckpt)}, "tensor_parallel_size": tp,
               "megatron_core": clip_vit_settings(cfg), "training": training_facts(cfg, manifest, ckpt),

@@ -28,7 +28,7 @@ def trailing_padding_mask(input_ids: torch.Tensor) -> torch.Tensor:
 
 def main(argv=None) -> int:
     from lcl_megatron.config import ConfigError
-    from lcl_megatron.eval.common import load_for_eval
+    from lcl_megatron.eval.model_from_checkpoint import load_for_eval
 
     p = argparse.ArgumentParser(prog="lcl eval loss", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example:\n  lcl eval loss --checkpoint runs/demo --batch batch.pt")

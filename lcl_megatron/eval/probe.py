@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     from lcl_megatron.checkpoint.consolidated import CheckpointMismatch
     from lcl_megatron.config import ConfigError, load_config
     from lcl_megatron.data.labelled import LabelledSetError, check_labelled_set, load_labelled_set
-    from lcl_megatron.eval.common import load_for_eval
+    from lcl_megatron.eval.model_from_checkpoint import load_for_eval
 
     args = parse_args(argv)
     try:

@@ -65,7 +65,7 @@ def retrieval_evaluate(model, dataset: CaptionedSet, batch_size: int = 64) -> di
 def main(argv=None) -> int:
     from lcl_megatron.checkpoint.consolidated import CheckpointMismatch
     from lcl_megatron.config import ConfigError
-    from lcl_megatron.eval.common import load_for_eval
+    from lcl_megatron.eval.model_from_checkpoint import load_for_eval
 
     p = argparse.ArgumentParser(
         prog="lcl eval retrieval", formatter_class=argparse.RawDescriptionHelpFormatter,

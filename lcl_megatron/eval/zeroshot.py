@@ -66,7 +66,7 @@ def zeroshot_evaluate(model, dataset: LabelledSet, batch_size: int = 64) -> dict
 
 def main(argv=None) -> int:
     from lcl_megatron.config import ConfigError
-    from lcl_megatron.eval.common import load_for_eval
+    from lcl_megatron.eval.model_from_checkpoint import load_for_eval
 
     p = argparse.ArgumentParser(
         prog="lcl eval zeroshot", formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -22,7 +22,6 @@ import re
 import torch
 
 from lcl_megatron.config import ModelConfig
-from lcl_megatron.model.layers import default_ffn_hidden_size
 
 _LAYER = re.compile(r"\.layers\.\d+\.")
 
@@ -38,7 +37,7 @@ def _normal(shape, std: float) -> torch.Tensor:
 def reference_rules(cfg: ModelConfig) -> dict:
     """Tensor family ("visual.layers.*.mlp.linear_fc1.weight", ...) -> shape -> tensor."""
     vw, tw = cfg.vision.width, cfg.text.width
-    vh, th = default_ffn_hidden_size(vw, cfg.vision.mlp_ratio), default_ffn_hidden_size(tw, cfg.text.mlp_ratio)
+    vh, th = cfg.vision.ffn_width, cfg.text.ffn_width
     rules = {
         # nn.MultiheadAttention: xavier_uniform_ over in_proj [3w, w]; out_proj an nn.Linear, biases zeroed
         "visual.layers.*.self_attention.linear_qkv.weight": lambda s: _uniform(s, math.sqrt(6 / (vw + 3 * vw))),

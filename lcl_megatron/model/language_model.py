@@ -86,10 +86,10 @@ class ContextHead(nn.Module):
 class LMHead(nn.Module):
     """Norm + column-parallel linear over the vocabulary; returns the summed token cross-entropy."""
 
-    def __init__(self, cfg: TextConfig, tconfig):
+    def __init__(self, cfg: TextConfig, tconfig, impl: str):
         super().__init__()
         self.vocab_size = cfg.vocab_size
-        self.impl = "fused"
+        self.impl = impl
         self.norm = build_norm(tconfig, cfg.width)
         self.output_layer = ColumnParallelLinear(
             cfg.width, padded_vocab_size(cfg.vocab_size, tconfig.tensor_model_parallel_size), config=tconfig,
@@ -100,15 +100,15 @@ class LMHead(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, cfg: TextConfig, tconfig, checkpoint_layers: bool = False):
+    def __init__(self, cfg: TextConfig, tconfig, backend, loss_impl: str, checkpoint_layers: bool = False):
         super().__init__()
         self.checkpoint_layers = checkpoint_layers
         self.embedding = TextEmbedding(cfg, tconfig)
         self.rotary = RotaryEmbedding(cfg.width // cfg.heads, cfg.rotary_base) if cfg.arch == "llama" else None
-        self.sequence_parallel = tconfig.lcl_sequence_parallel
-        self.layers = build_layers(tconfig, causal=True)
+        self.sequence_parallel = backend.sequence_parallel
+        self.layers = build_layers(tconfig, backend, causal=True)
         self.context_head = ContextHead(cfg.width, tconfig)
-        self.lm_head = LMHead(cfg, tconfig)
+        self.lm_head = LMHead(cfg, tconfig, loss_impl)
 
     def forward(self, embeddings: torch.Tensor, packed_seq_params=None) -> torch.Tensor:
         """Embeddings [B, L, D] -> LM outputs [B, L, D] (before ln_final / the head's norm)."""

@@ -1,18 +1,16 @@
 """megatron-core transformer layers for the ViT and the language model.
 
 Both towers are plain stacks of megatron-core `TransformerLayer`s built from a
-module spec; swapping an implementation (attention kernel, norm, MLP) means
-changing the spec here, never the model code.
+module spec whose modules come from a backend spec provider (model/backends.py);
+swapping an implementation (attention kernel, norm, linear) means choosing
+another provider, never changing the model code.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -20,13 +18,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from lcl_megatron.model.core_attention import CoreAttention
-from lcl_megatron.model.norms import Norm
-from lcl_megatron.model.sequence_parallel import SequenceParallelColumnLinear, SequenceParallelRowLinear
+from lcl_megatron.model.backends import LocalBackend
 
 
 def transformer_config(*, width: int, heads: int, layers: int, ffn_hidden_size: int, arch: str,
-                       tp: int = 1, sp: bool = False, dtype: torch.dtype = torch.float32,
+                       tp: int = 1, dtype: torch.dtype = torch.float32,
                        num_query_groups: int | None = None) -> TransformerConfig:
     """A TransformerConfig for CPU or GPU with the fusions that need CUDA extensions turned off.
 
@@ -69,36 +65,35 @@ def transformer_config(*, width: int, heads: int, layers: int, ffn_hidden_size: 
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
     )
-    config.lcl_sequence_parallel = sp
     return config
 
 
-def transformer_layer_spec(causal: bool, sequence_parallel: bool = False) -> ModuleSpec:
-    column = SequenceParallelColumnLinear if sequence_parallel else ColumnParallelLinear
-    row = SequenceParallelRowLinear if sequence_parallel else RowParallelLinear
+def transformer_layer_spec(backend: LocalBackend, causal: bool, rms_norm: bool = False) -> ModuleSpec:
+    """A pre-norm layer (norm, self-attention, norm, MLP) from the provider's modules."""
+    column, row, norm = backend.column_parallel_linear(), backend.row_parallel_linear(), backend.layer_norm(rms_norm)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=Norm,
+            input_layernorm=norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=column,
-                    core_attention=CoreAttention,
+                    core_attention=backend.core_attention(),
                     linear_proj=row,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=Norm,
+            pre_mlp_layernorm=norm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
             mlp_bda=get_bias_dropout_add,
         ),
     )
 
 
-def build_layers(config: TransformerConfig, causal: bool) -> torch.nn.ModuleList:
-    spec = transformer_layer_spec(causal, config.lcl_sequence_parallel)
+def build_layers(config: TransformerConfig, backend: LocalBackend, causal: bool) -> torch.nn.ModuleList:
+    spec = transformer_layer_spec(backend, causal, rms_norm=config.normalization == "RMSNorm")
     return torch.nn.ModuleList(build_module(spec, config=config, layer_number=i + 1)
                                for i in range(config.num_layers))
 
@@ -113,12 +108,3 @@ def run_layers(layers, hidden, *, checkpoint: bool = False, **kwargs):
             hidden = layer(hidden, attention_mask=None, **kwargs)[0]
     return hidden
 
-
-def default_ffn_hidden_size(width: int, mlp_ratio: float) -> int:
-    return int(width * mlp_ratio)
-
-
-def llama_ffn_hidden_size(width: int, multiple_of: int = 256) -> int:
-    """Llama's SwiGLU width: 2/3 of 4w, rounded up to a multiple."""
-    hidden = int(2 * 4 * width / 3)
-    return multiple_of * math.ceil(hidden / multiple_of)

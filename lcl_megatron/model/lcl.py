@@ -12,10 +12,12 @@ from megatron.core import parallel_state
 from torch import nn
 
 from lcl_megatron import tokens
-from lcl_megatron.config import Config, ModelConfig
+from lcl_megatron.config import Config, LossConfig, ModelConfig
 from lcl_megatron.loss import combine_losses, contrastive_loss_sum, regression_loss_sum, zero_keeping_graph
 from lcl_megatron.model.language_model import LanguageModel
-from lcl_megatron.model.layers import (default_ffn_hidden_size, llama_ffn_hidden_size, transformer_config)
+from lcl_megatron.model.backends import LocalBackend, backend_for_this_machine
+from lcl_megatron.model.dims import exp_logit_scale
+from lcl_megatron.model.layers import transformer_config
 from lcl_megatron.model.pool_project import AttentivePoolProject
 from lcl_megatron.model.sequence_parallel import install_grad_hooks
 from lcl_megatron.model.sharding import mark_glu
@@ -62,42 +64,39 @@ def packed_params(cu_seqlens, row_length: int):
 
 
 class LCLModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, tp: int = 1, sp: bool = False, dtype=torch.float32,
-                 checkpoint_vit: bool = False, checkpoint_lm: bool = False):
+    def __init__(self, cfg: ModelConfig, loss: LossConfig, *, backend: type[LocalBackend] = LocalBackend, tp: int = 1,
+                 sp: bool = False, dtype=torch.float32, checkpoint_vit: bool = False, checkpoint_lm: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.backend = backend
         v, t = cfg.vision, cfg.text
         # The ViT's sequence (patches + class token) is sliced only when it divides evenly.
         vit_sp = sp and (v.num_patches + 1) % tp == 0
         vit_config = transformer_config(width=v.width, heads=v.heads, layers=v.layers, arch="clip",
-                                        ffn_hidden_size=default_ffn_hidden_size(v.width, v.mlp_ratio),
-                                        tp=tp, sp=vit_sp, dtype=dtype)
-        lm_ffn = (t.ffn_hidden_size or llama_ffn_hidden_size(t.width)) if t.arch == "llama" \
-            else default_ffn_hidden_size(t.width, t.mlp_ratio)
+                                        ffn_hidden_size=v.ffn_width,
+                                        tp=tp, dtype=dtype)
         lm_config = transformer_config(width=t.width, heads=t.heads, layers=t.layers, arch=t.arch,
-                                       ffn_hidden_size=lm_ffn, tp=tp, sp=sp, dtype=dtype,
+                                       ffn_hidden_size=t.ffn_width, tp=tp, dtype=dtype,
                                        num_query_groups=t.num_query_groups or t.heads)
-        self.visual = VisionTransformer(v, vit_config, checkpoint_layers=checkpoint_vit)
+        self.visual = VisionTransformer(v, vit_config, backend(sequence_parallel=vit_sp), checkpoint_layers=checkpoint_vit)
         self.pool_project = AttentivePoolProject(v.width, cfg.embed_dim, cfg.pool_heads)
-        self.text = LanguageModel(t, lm_config, checkpoint_layers=checkpoint_lm)
+        self.text = LanguageModel(t, lm_config, backend(sequence_parallel=sp), loss.impl, checkpoint_layers=checkpoint_lm)
         # Shape [1], not the reference's []: DeepSpeed cannot broadcast 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
-        self.loss_weights = {"generation_weight": 1.0, "contrastive_weight": 0.1}
-        self.loss_impl = "fused"
+        self.loss_weights = {"generation_weight": loss.generation_weight, "contrastive_weight": loss.contrastive_weight,
+                             "regression_weight": loss.regression_weight}
+        self.loss_impl = loss.impl
         self.to(dtype)
         mark_glu(self)
         install_grad_hooks(self)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "LCLModel":
+    def from_config(cls, cfg: Config, backend: type[LocalBackend] | None = None) -> "LCLModel":
+        """The model of `cfg` with the layer modules of `backend` (default: the best this machine runs)."""
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        model = cls(cfg.model, tp=cfg.parallel.tp, sp=cfg.parallel.sp, dtype=dtype,
-                    checkpoint_vit=cfg.parallel.activation_checkpointing_vit,
+        model = cls(cfg.model, cfg.loss, backend=backend or backend_for_this_machine(), tp=cfg.parallel.tp,
+                    sp=cfg.parallel.sp, dtype=dtype, checkpoint_vit=cfg.parallel.activation_checkpointing_vit,
                     checkpoint_lm=cfg.parallel.activation_checkpointing_lm)
-        model.loss_weights = {"generation_weight": cfg.loss.generation_weight,
-                              "contrastive_weight": cfg.loss.contrastive_weight,
-                              "regression_weight": cfg.loss.regression_weight}
-        model.loss_impl = model.text.lm_head.impl = cfg.loss.impl
         if cfg.model.init == "reference" and not model.logit_scale.is_meta:
             from lcl_megatron.model.init import reference_init_
 
@@ -138,12 +137,6 @@ class LCLModel(nn.Module):
         return lcl_losses(latents, hidden, input_ids, attention_mask.bool(), position_ids,
                           context_head=self.text.context_head, lm_head=self.text.lm_head, scale=self.scale(),
                           impl=self.loss_impl, **self.loss_weights)
-
-
-def exp_logit_scale(logit_scale: torch.Tensor) -> torch.Tensor:
-    """The contrastive temperature: exp of the parameter, in fp32. Its cap (ln 100) is kept by
-    clamping the parameter after each optimizer step (training/optim.py), as the reference does."""
-    return logit_scale.float().exp().squeeze(0)
 
 
 def encode_images_always(visual, pool_project, images: torch.Tensor, image_size: int):

@@ -19,7 +19,14 @@ def build_norm(config, hidden_size: int, eps: float = 1e-5, sequence_parallel: b
 
 
 class Norm:
-    """Spec-compatible constructor for norms inside the layers, where sequence parallelism applies."""
+    """Spec-compatible constructor for norms inside the layers, where sequence parallelism applies:
+    torch's norms, or `norm_class` (a megatron-style norm taking config, hidden_size, eps)."""
 
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
-        return build_norm(config, hidden_size, eps, sequence_parallel=getattr(config, "lcl_sequence_parallel", False))
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, sequence_parallel: bool = False, norm_class=None,
+                **_unused):
+        if norm_class is None:
+            return build_norm(config, hidden_size, eps, sequence_parallel=sequence_parallel)
+        norm = norm_class(config, hidden_size, eps)
+        for p in norm.parameters():
+            p.sequence_parallel = sequence_parallel
+        return norm

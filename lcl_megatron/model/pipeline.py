@@ -17,8 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lcl_megatron.model import names
+from lcl_megatron.model.dims import exp_logit_scale
 from lcl_megatron.model.layers import run_layers
-from lcl_megatron.model.lcl import LCLModel, encode_images_always, exp_logit_scale, lcl_losses
+from lcl_megatron.model.lcl import LCLModel, encode_images_always, lcl_losses
 from lcl_megatron.model.sequence_parallel import gather_from_sequence, scatter_to_sequence
 
 
@@ -27,8 +29,7 @@ class PipelineInputError(ValueError):
 
 
 class FirstStage(nn.Module):
-    # canonical name prefix of each submodule, for checkpoints
-    CANONICAL = {"visual": "visual", "pool_project": "pool_project", "embedding": "text.embedding"}
+    CANONICAL = names.FIRST_BLOCK  # canonical name prefix of each submodule, for checkpoints
 
     def __init__(self, model: LCLModel, max_images: int):
         super().__init__()
@@ -52,13 +53,9 @@ class LMLayerStage(nn.Module):
     def __init__(self, model: LCLModel, index: int):
         super().__init__()
         self.layer = model.text.layers[index]
-        self.CANONICAL = self.canonical(index)
+        self.CANONICAL = names.lm_layer_block(index)
         self._rotary = [model.text.rotary]  # a list: shared, not registered as a submodule here
         self.checkpoint_layers = model.text.checkpoint_layers
-
-    @staticmethod
-    def canonical(index: int) -> dict:
-        return {"layer": f"text.layers.{index}"}
 
     def forward(self, inputs):
         hidden, latents, num_images, input_ids, attention_mask = inputs
@@ -69,17 +66,21 @@ class LMLayerStage(nn.Module):
         return hidden, latents, num_images, input_ids, attention_mask
 
 
+# What the loss stage reports besides the loss, in the order of its metrics tensor.
+METRICS = ("generation_loss", "contrastive_loss", "regression_loss", "logit_scale")
+
+
 class LossStage(nn.Module):
-    CANONICAL = {"context_head": "text.context_head", "lm_head": "text.lm_head", "logit_scale": "logit_scale"}
+    CANONICAL = names.LOSS_BLOCK
 
     def __init__(self, model: LCLModel):
         super().__init__()
         self.context_head, self.lm_head, self.logit_scale = model.text.context_head, model.text.lm_head, model.logit_scale
         self.sequence_parallel = model.text.sequence_parallel
         self.loss_impl, self.loss_weights = model.loss_impl, model.loss_weights
-        self.last_metrics: list[torch.Tensor] = []  # per micro-batch (generation, contrastive, regression, logit_scale)
 
     def forward(self, inputs):
+        """(loss, the METRICS of this micro-batch stacked in one tensor)."""
         hidden, latents, num_images, input_ids, attention_mask = inputs
         if self.sequence_parallel:
             hidden = gather_from_sequence(hidden)
@@ -87,20 +88,12 @@ class LossStage(nn.Module):
         out = lcl_losses(latents[: int(num_images.item())], hidden.transpose(0, 1), input_ids, attention_mask.bool(),
                          context_head=self.context_head, lm_head=self.lm_head, scale=scale, impl=self.loss_impl,
                          **self.loss_weights)
-        self.last_metrics.append(torch.stack([out["generation_loss"], out["contrastive_loss"], out["regression_loss"],
-                                              out["logit_scale"]]))
-        return out["loss"]
+        return out["loss"], torch.stack([out[name].float() for name in METRICS])
 
 
 def pipeline_layers(model: LCLModel, max_images: int) -> list[nn.Module]:
     return ([FirstStage(model, max_images)] + [LMLayerStage(model, i) for i in range(len(model.text.layers))]
             + [LossStage(model)])
-
-
-def layer_prefixes(num_lm_layers: int) -> list[dict]:
-    """The CANONICAL map of each layer pipeline_layers builds, by layer index (no model needed)."""
-    return ([FirstStage.CANONICAL] + [LMLayerStage.canonical(i) for i in range(num_lm_layers)]
-            + [LossStage.CANONICAL])
 
 
 def stage_boundaries(num_lm_layers: int, num_stages: int, first_stage_lm_layers: int) -> list[int]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-from kernels.collectives import all_gather_rows, reduce_scatter_rows
+from kernels.collectives import all_gather_rows, gather_rows_with_grad, reduce_scatter_rows_with_grad
 
 
 def _group():
@@ -38,27 +38,18 @@ class _ScatterToSequence(torch.autograd.Function):
         return all_gather_rows(grad, _group())
 
 
-class _GatherFromSequence(torch.autograd.Function):
+class _GatherForReplicated(torch.autograd.Function):
+    """All-gather whose backward keeps this rank's slice: the gradients of a replicated
+    computation are equal on every rank. (Into a tensor-parallel computation they are partial
+    sums: that gather, `gather_rows_with_grad`, reduce-scatters them.)"""
+
     @staticmethod
-    def forward(ctx, x, reduce_grad: bool):
-        ctx.reduce_grad = reduce_grad
+    def forward(ctx, x):
         return all_gather_rows(x, _group())
 
     @staticmethod
     def backward(ctx, grad):
-        # Into a tensor-parallel computation the ranks' input gradients are partial sums;
-        # into a replicated one they are equal, so each rank keeps its own slice.
-        return (reduce_scatter_rows(grad, _group()) if ctx.reduce_grad else _own_slice(grad, _group())), None
-
-
-class _ReduceScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return reduce_scatter_rows(x, _group())
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_rows(grad, _group())
+        return _own_slice(grad, _group())
 
 
 def scatter_to_sequence(x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +59,7 @@ def scatter_to_sequence(x: torch.Tensor) -> torch.Tensor:
 
 def gather_from_sequence(x: torch.Tensor) -> torch.Tensor:
     """This rank's [s/tp, b, h] -> full [s, b, h] feeding replicated computation."""
-    return _GatherFromSequence.apply(x, False)
+    return _GatherForReplicated.apply(x)
 
 
 class SequenceParallelColumnLinear(ColumnParallelLinear):
@@ -77,7 +68,7 @@ class SequenceParallelColumnLinear(ColumnParallelLinear):
         super().__init__(*args, **kwargs)
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
-        return super().forward(_GatherFromSequence.apply(input_, True), weight, runtime_gather_output)
+        return super().forward(gather_rows_with_grad(input_, _group()), weight, runtime_gather_output)
 
 
 class SequenceParallelRowLinear(RowParallelLinear):
@@ -87,7 +78,7 @@ class SequenceParallelRowLinear(RowParallelLinear):
             self.bias.sequence_parallel = True
 
     def forward(self, input_):
-        output = _ReduceScatterToSequence.apply(F.linear(input_, self.weight))
+        output = reduce_scatter_rows_with_grad(F.linear(input_, self.weight), _group())
         if self.skip_bias_add:
             return output, self.bias
         return (output + self.bias if self.bias is not None else output), None

@@ -13,7 +13,7 @@ from lcl_megatron.model.sequence_parallel import gather_from_sequence, scatter_t
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, cfg: VisionConfig, tconfig, checkpoint_layers: bool = False):
+    def __init__(self, cfg: VisionConfig, tconfig, backend, checkpoint_layers: bool = False):
         super().__init__()
         width = cfg.width
         self.checkpoint_layers = checkpoint_layers
@@ -23,8 +23,8 @@ class VisionTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.num_patches + 1, width))
         # ln_pre/ln_post act on whole sequences, outside the (possibly sequence-parallel) layers.
         self.ln_pre = nn.LayerNorm(width, eps=1e-5)
-        self.sequence_parallel = tconfig.lcl_sequence_parallel
-        self.layers = build_layers(tconfig, causal=False)
+        self.sequence_parallel = backend.sequence_parallel
+        self.layers = build_layers(tconfig, backend, causal=False)
         self.ln_post = nn.LayerNorm(width, eps=1e-5)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -28,15 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import sys
 from dataclasses import dataclass, field
 
 from lcl_megatron.config import Config
 from lcl_megatron.layout import Layout, lm_layers_per_stage, max_images_per_microbatch
-
-_LM_LAYER = re.compile(r"^text\.layers\.(\d+)\.")
-
+from lcl_megatron.model.names import stage_of
 
 # ---------------------------------------------------------------- parameters
 
@@ -73,23 +70,6 @@ def sharded_tensors(cfg: Config, model=None) -> list[Tensor]:
         shape = canonical_shape(name, local, param, cfg.model.text.vocab_size)
         out.append(Tensor(name, tuple(shape), param.partition_dim if split else None))
     return out
-
-
-def stage_of(name: str, stage_layers: list[int]) -> int:
-    """The pipeline stage holding tensor `name`."""
-    if name.startswith(("visual.", "pool_project.", "text.embedding.")):
-        return 0
-    if name.startswith(("text.context_head.", "text.lm_head.")) or name == "logit_scale":
-        return len(stage_layers) - 1
-    match = _LM_LAYER.match(name)
-    if match is None:
-        raise RuntimeError(f"lcl plan does not know which pipeline stage holds '{name}'; update stage_of")
-    layer, first = int(match.group(1)), 0
-    for stage, count in enumerate(stage_layers):
-        if layer < first + count:
-            return stage
-        first += count
-    raise RuntimeError(f"LM layer {layer} is beyond the {first} layers of the stages")
 
 
 def tokens_per_microbatch(name: str, cfg: Config, images: int) -> int:

@@ -1,84 +1,42 @@
-"""The model wrapped in a DeepSpeed engine, and one optimizer step on it.
+"""The one adapter between our model and DeepSpeed: the only module that reaches into DeepSpeed.
 
 Without pipeline parallelism the plain LCL model goes into DeepSpeed's engine
 (ZeRO 0-3); with it the model is cut into stages (model/pipeline.py) for
-DeepSpeed's pipeline engine (ZeRO 0-1). Both step functions return the same
-metrics, averaged over micro-batches and data-parallel ranks.
+DeepSpeed's pipeline engine (ZeRO 0-1). Public DeepSpeed APIs are used where
+they exist; the two things they do not offer (a hook around the optimizer
+update, and the weight/master pieces of one parameter to clamp) use the
+private names in `PRIVATE_API`, which tests/test_deepspeed_adapter.py checks
+against the installed DeepSpeed.
 """
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
+from collections import OrderedDict
 
 import torch
-import torch.distributed as dist
 
 from lcl_megatron.config import Config
+from lcl_megatron.model.dims import logit_scale_range
 from lcl_megatron.layout import max_images_per_microbatch
+from lcl_megatron.model.pipeline import METRICS
 
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (a non-finite loss): one line, exit code 1."""
-
-
-# Gradient buckets, in elements: large enough to keep the links busy, small enough to overlap with
-# the backward pass (Megatron's default bucket is 40M parameters).
-BUCKET_ELEMENTS = 50_000_000
-
-
-def deepspeed_config(cfg: Config, dp_size: int, on_gpu: bool = False) -> dict:
-    t = cfg.train
-    bf16 = t.precision == "bf16"
-    # DeepSpeed accumulates bf16 gradients in fp32 only in its ZeRO optimizers (stage 1 is its BF16
-    # optimizer): bf16 runs use at least stage 1, which with one data-parallel rank shards nothing.
-    stage = max(1, cfg.parallel.zero_stage) if bf16 else cfg.parallel.zero_stage
-    zero = {"stage": stage}
-    if on_gpu and stage > 0:
-        # Reduce gradient buckets while the backward pass goes on (CUDA streams; gloo has none).
-        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=BUCKET_ELEMENTS,
-                    allgather_bucket_size=BUCKET_ELEMENTS)
-        if stage == 3:
-            zero.update(stage3_prefetch_bucket_size=BUCKET_ELEMENTS, stage3_param_persistence_threshold=100_000)
-    config = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accumulation,
-        "train_batch_size": t.micro_batch_size * t.grad_accumulation * dp_size,
-        "zero_optimization": zero,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "bf16": {"enabled": bf16},
-        "zero_allow_untested_optimizer": True,
-        # Stages send more than one tensor that needs a gradient (the image latents ride along for
-        # the contrastive loss); DeepSpeed's partitioned pipe tensors carry only the first one.
-        "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    if bf16:
-        # bf16 compute, fp32 everything that accumulates: gradients summed over micro-batches and
-        # reduced over data-parallel ranks in fp32 (DeepSpeed's default is the model's dtype).
-        # DeepSpeed casts every parameter to bf16, the temperature included (its fp32 master copy
-        # lives in the optimizer); rotary angles are computed in fp32 and never cast.
-        config["data_types"] = {"grad_accum_dtype": "fp32"}
-        config["communication_data_type"] = "fp32"
-    return config
-
-
-def build_model(cfg: Config, init_from: Path | None = None):
-    """The full plain model on every rank (TP-sharded), seeded so that every layout starts alike."""
-    from lcl_megatron.checkpoint.consolidated import check_tensors
-    from lcl_megatron.checkpoint.format import MODEL_FILE, load_model_file
-    from lcl_megatron.model.lcl import LCLModel
-    from lcl_megatron.model.sharding import canonical_shapes, load_canonical
-
-    torch.manual_seed(cfg.train.seed)  # identical on every rank: replicated weights agree, TP shards split one init
-    model = LCLModel.from_config(cfg)
-    if init_from is not None:
-        tensors = load_model_file(init_from / MODEL_FILE)
-        check_tensors(canonical_shapes(model, cfg.model.text.vocab_size), tensors,
-                      what=f"--init-from checkpoint '{init_from}'")
-        load_canonical(model, tensors)
-    return model
+# DeepSpeed internals this module relies on, as (module, class, name, parameters): a method with
+# those parameters, or (parameters None) an attribute the class (or module, class None) assigns. `_take_model_step`
+# is the update both engines run once per optimizer step (`step`, `_exec_optimizer_step`); there
+# is no public hook around it.
+PRIVATE_API = [
+    ("deepspeed.runtime.engine", "DeepSpeedEngine", "_take_model_step", ("self", "lr_kwargs")),
+    ("deepspeed.runtime.engine", "DeepSpeedEngine", "_global_grad_norm", None),
+    ("deepspeed.runtime.pipe.engine", "PipelineEngine", "agg_additional_losses", None),
+    ("deepspeed.runtime.pipe.module", "PipelineModule", "_partition_layers", ("self", "method")),
+    ("deepspeed.runtime.pipe.module", "PipelineModule", "_set_bounds", ("self", "start", "stop")),
+    ("deepspeed.runtime.pipe.module", "PipelineModule", "_topo", None),
+    ("deepspeed.utils.tensor_fragment", "tensor_fragment", "hp_fragment", None),
+    ("deepspeed.runtime.zero.partition_parameters", None, "ds_tensor", None),  # ZeRO-3's partition of a parameter
+]
+# Callers of `_take_model_step` whose every update must pass through the hook.
+UPDATE_CALLERS = [("deepspeed.runtime.engine", "DeepSpeedEngine", "step"),
+                  ("deepspeed.runtime.pipe.engine", "PipelineEngine", "_exec_optimizer_step")]
 
 
 def build_engine(cfg: Config, model):
@@ -87,28 +45,13 @@ def build_engine(cfg: Config, model):
 
     from lcl_megatron.checkpoint.format import SafeCheckpointEngine
     from lcl_megatron.parallel import MegatronMPU, verify_groups_match
-    from lcl_megatron.training.optim import build_optimizer, build_scheduler, clamp_logit_scale_after_each_step
+    from lcl_megatron.training.deepspeed_config import deepspeed_config
+    from lcl_megatron.training.optim import build_optimizer, build_scheduler
 
     dp_size = parallel_state.get_data_parallel_world_size()
     module = model
     if cfg.parallel.pp > 1:
-        from deepspeed.pipe import PipelineModule
-        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
-        from lcl_megatron.model.pipeline import pipeline_layers, stage_boundaries
-
-        layers = pipeline_layers(model, max_images_per_microbatch(cfg))
-        topology = PipeModelDataParallelTopology(num_pp=cfg.parallel.pp, num_mp=cfg.parallel.tp, num_dp=dp_size)
-        parts = stage_boundaries(len(model.text.layers), cfg.parallel.pp, cfg.parallel.pp_first_stage_layers)
-
-        class _Stages(PipelineModule):
-            def _partition_layers(self, method="uniform"):
-                # Our boundaries: the ViT stage may take fewer LM layers.
-                self.parts = parts
-                stage = self._topo.get_coord(self.global_rank).pipe
-                self._set_bounds(start=parts[stage], stop=parts[stage + 1])
-
-        module = _Stages(layers=layers, topology=topology, loss_fn=lambda loss, _label: loss)
+        module = pipeline_stages(cfg, model, dp_size)
         count_replicated_once_per_stage(module)
     optimizer = build_optimizer(module, cfg)
     engine, _, _, _ = deepspeed.initialize(
@@ -118,9 +61,51 @@ def build_engine(cfg: Config, model):
         dist_init_required=False)
     engine.checkpoint_engine = SafeCheckpointEngine()
     verify_groups_match(engine)
-    record_grad_norm(engine)
-    clamp_logit_scale_after_each_step(engine, cfg.model.max_logit_scale)
+    before = measure_grad_norm if not (engine.zero_optimization() or engine.bfloat16_enabled()) else None
+    around_each_update(engine, before=before, after=logit_scale_clamp(engine, logit_scale_range(cfg.model)))
     return engine
+
+
+def pipeline_stages(cfg: Config, model, dp_size: int):
+    """The model as DeepSpeed's PipelineModule, cut at our stage boundaries."""
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from lcl_megatron.model.pipeline import pipeline_layers, stage_boundaries
+
+    parts = stage_boundaries(len(model.text.layers), cfg.parallel.pp, cfg.parallel.pp_first_stage_layers)
+
+    class Stages(PipelineModule):
+        """The loss stage returns (loss, metrics): the loss goes to DeepSpeed's backward, the metrics to
+        DeepSpeed's reporting hook, which averages them over micro-batches and data-parallel ranks
+        and broadcasts them to every stage."""
+
+        def __init__(self):
+            super().__init__(layers=pipeline_layers(model, max_images_per_microbatch(cfg)),
+                             topology=PipeModelDataParallelTopology(num_pp=cfg.parallel.pp, num_mp=cfg.parallel.tp,
+                                                                    num_dp=dp_size),
+                             loss_fn=self.split_loss)
+            self.metrics = torch.zeros(len(METRICS))  # of the latest micro-batch (last stage only)
+
+        def _partition_layers(self, method="uniform"):
+            # Our boundaries: the ViT stage may take fewer LM layers.
+            self.parts = parts
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=parts[stage], stop=parts[stage + 1])
+
+        def split_loss(self, outputs, _label):
+            loss, self.metrics = outputs
+            return loss
+
+        def get_additional_losses(self):
+            return OrderedDict(zip(METRICS, self.metrics))
+
+    return Stages()
+
+
+def pipeline_metrics(engine) -> dict:
+    """The loss stage's metrics of the last `train_batch`, as DeepSpeed averaged them (on every rank)."""
+    return dict(engine.agg_additional_losses)
 
 
 def count_replicated_once_per_stage(module) -> None:
@@ -140,132 +125,66 @@ def count_replicated_once_per_stage(module) -> None:
             p.model_parallel = True
 
 
-def record_grad_norm(engine) -> None:
-    """Without ZeRO or bf16 DeepSpeed records no gradient norm: measure it before each update."""
-    if engine.zero_optimization() or engine.bfloat16_enabled():
+def around_each_update(engine, before=None, after=None) -> None:
+    """Run before(engine) / after(engine) around every optimizer update (plain and pipeline engines)."""
+    if before is None and after is None:
         return
-    from deepspeed.runtime.utils import get_flattened_grad_norm
-
     take_step = engine._take_model_step
 
-    def measured_step(*args, **kwargs):
-        engine._global_grad_norm = float(get_flattened_grad_norm(list(engine.module.parameters()), mpu=engine.mpu))
-        return take_step(*args, **kwargs)
+    def step_with_hooks(*args, **kwargs):
+        if before is not None:
+            before(engine)
+        out = take_step(*args, **kwargs)
+        if after is not None:
+            after(engine)
+        return out
 
-    engine._take_model_step = measured_step
+    engine._take_model_step = step_with_hooks
+
+
+def measure_grad_norm(engine) -> None:
+    """Without ZeRO or bf16 DeepSpeed records no gradient norm: measure it before the update."""
+    from deepspeed.runtime.utils import get_flattened_grad_norm
+
+    engine._global_grad_norm = float(get_flattened_grad_norm(list(engine.module.parameters()), mpu=engine.mpu))
+
+
+def logit_scale_clamp(engine, bounds: tuple[float, float]):
+    """The reference's rule as an after-update hook: the temperature parameter is clamped to `bounds`
+    ([0, ln 100]) in fp32. Clamping the parameter, not its use, keeps its gradient alive, so a
+    scale that reached the cap can come down again. Only the ranks that hold `logit_scale` (the
+    last pipeline stage) clamp; elsewhere None."""
+    params = [p for name, p in engine.module.named_parameters() if name.rsplit(".", 1)[-1] == "logit_scale"]
+    if not params:
+        return None
+
+    def clamp(_engine):
+        for param in params:
+            clamp_parameter_(param, *bounds)
+
+    return clamp
+
+
+def clamp_parameter_(param: torch.nn.Parameter, low: float, high: float) -> None:
+    """Clamp a parameter in place, on this rank's pieces: the weight the model uses and, where
+    DeepSpeed keeps one, its fp32 master (else the next update would undo the clamp)."""
+    with torch.no_grad():
+        if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition of the weight and of its master
+            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+            param.ds_tensor.clamp_(low, high)  # padding is zero, inside the range
+            param.data.clamp_(low, high)  # a small parameter stays gathered (persistent); else empty
+            master = safe_get_local_fp32_param(param)
+            if master is not None:
+                safe_set_local_fp32_param(param, master.clamp(low, high))
+            return
+        param.data.clamp_(low, high)
+        mapping = getattr(param, "_hp_mapping", None)  # ZeRO-1/2 and the bf16 optimizer: flat fp32 partitions
+        if mapping is not None and mapping.hp_fragment is not None:
+            mapping.hp_fragment.clamp_(low, high)
 
 
 def is_pipeline(engine) -> bool:
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
     return isinstance(engine, PipelineEngine)
-
-
-def batch_to_device(batch: dict, device) -> dict:
-    """The loader's host tensors on the training device (asynchronous copies from pinned memory)."""
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-
-
-def samples_in(batch: dict) -> torch.Tensor:
-    """Samples (pairs or documents, not rows) in a micro-batch: packed rows hold several."""
-    if "position_ids" in batch:
-        return ((batch["position_ids"] == 0) & batch["attention_mask"].bool()).sum()
-    return batch["attention_mask"].any(-1).sum()
-
-
-def _dp_mean(values: torch.Tensor) -> torch.Tensor:
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_data_parallel_group()
-    values = values.detach().clone()
-    dist.all_reduce(values, group=group)
-    return values / dist.get_world_size(group)
-
-
-def _non_finite_error(step: int, loss: float, generation: float, contrastive: float, when: str) -> TrainingError:
-    return TrainingError(f"non-finite loss at step {step} (loss={loss}, generation={generation}, "
-                         f"contrastive={contrastive}); {when}")
-
-
-def plain_train_step(engine, batches, cfg: Config, step: int) -> dict:
-    """One optimizer step over `train.grad_accumulation` micro-batches.
-
-    The numbers stay on the device until one read, before the update: the
-    data-parallel mean of the losses, the logit scale and the tokens, which
-    also stops the run on a non-finite loss before it reaches the weights
-    (Megatron checks every step likewise). The gradient norm is returned as
-    the engine holds it; the caller reads it only on logged steps.
-    """
-    accumulation = cfg.train.grad_accumulation
-    # loss, generation, contrastive, regression, logit_scale, tokens, images, samples
-    sums = torch.zeros(8, device=engine.device)
-    for micro in range(accumulation):
-        batch = batch_to_device(next(batches), engine.device)
-        out = engine(batch["images"], batch["input_ids"], batch["attention_mask"],
-                     batch.get("position_ids"), batch.get("cu_seqlens"))
-        engine.backward(out["loss"])
-        sums[:6] += torch.stack([out["loss"].detach().float(), out["generation_loss"].float(),
-                                 out["contrastive_loss"].float(), out["regression_loss"].float(),
-                                 out["logit_scale"].float(), batch["attention_mask"].sum().float()])
-        sums[6] += batch["images"].shape[0]
-        sums[7] += samples_in(batch)
-        if micro == accumulation - 1:  # the next engine.step() updates the weights
-            loss, generation, contrastive, regression, logit_scale, tokens, images, samples = \
-                _dp_mean(sums / accumulation).cpu().tolist()
-            if not math.isfinite(loss + generation + contrastive + regression):
-                raise _non_finite_error(step, loss, generation, contrastive, "stopping before the update")
-        engine.step()
-    return {"loss": loss, "generation_loss": generation, "contrastive_loss": contrastive, "regression_loss": regression,
-            "logit_scale": logit_scale, "grad_norm": engine.get_global_grad_norm(),
-            "tokens": tokens * accumulation, "images": images * accumulation, "samples": samples * accumulation}
-
-
-def pipeline_train_step(engine, batches, cfg: Config, step: int) -> dict:
-    """One optimizer step of DeepSpeed's pipeline schedule; metrics come from the last stage.
-
-    DeepSpeed's pipeline engine moves each micro-batch to the device itself.
-    """
-    from megatron.core import parallel_state
-
-    from lcl_megatron.model.pipeline import LossStage, to_pipeline_batch
-
-    max_images = max_images_per_microbatch(cfg)
-    counts = torch.zeros(3, device=engine.device)  # tokens, images, samples
-
-    def micro_batches():
-        while True:
-            batch = next(batches)
-            counts[0] += batch["attention_mask"].sum()
-            counts[1] += batch["images"].shape[0]
-            counts[2] += samples_in(batch)
-            yield to_pipeline_batch(batch, max_images)
-
-    first, last = engine.is_first_stage(), engine.is_last_stage()
-    # Later stages take their inputs from the previous one; `batches` holds the last stage's placeholder labels.
-    loss = engine.train_batch(data_iter=micro_batches() if first else batches if last else None)
-    metrics = torch.zeros(5, device=engine.device)  # loss, generation, contrastive, regression, logit_scale
-    if last:
-        stage = next(m for m in engine.module.modules() if isinstance(m, LossStage))
-        per_micro = torch.stack(stage.last_metrics).mean(0)
-        stage.last_metrics.clear()
-        metrics = torch.cat([loss.detach().float().reshape(1), per_micro])
-        metrics[1:] = _dp_mean(metrics[1:])
-    # Every rank learns the numbers of the last stage of data-parallel rank 0's pipeline
-    # (rank layout: tp innermost, then dp, then pp).
-    p = cfg.parallel
-    src = (p.pp - 1) * p.tp * parallel_state.get_data_parallel_world_size()
-    dist.broadcast(metrics, src=src)
-    if first:
-        counts = _dp_mean(counts)
-    loss, generation, contrastive, regression, logit_scale, tokens, images, samples = \
-        torch.cat([metrics, counts]).cpu().tolist()
-    if not math.isfinite(loss + generation + contrastive + regression):
-        raise _non_finite_error(step, loss, generation, contrastive, "stopping")
-    return {"loss": loss, "generation_loss": generation, "contrastive_loss": contrastive, "regression_loss": regression,
-            "logit_scale": logit_scale, "grad_norm": engine.get_global_grad_norm(), "tokens": tokens, "images": images,
-            "samples": samples}
-
-
-def grad_norm_value(value) -> float:
-    """The engine's gradient norm (a float, a device tensor or None) as a number: a host read."""
-    return float(value) if value is not None else float("nan")

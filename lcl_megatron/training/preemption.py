@@ -19,6 +19,7 @@ In the training loop (every rank):
         if watcher.stop_requested():            # collective, once per step
             break
     save_checkpoint(...)
+    watcher.close()                             # the previous signal handlers again
     return watcher.after_final_checkpoint()     # process exit code
 """
 

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     check_data(cfg)
     from lcl_megatron.model.pipeline import PipelineInputError
     from lcl_megatron.parallel import destroy_process_groups
-    from lcl_megatron.training.engine import TrainingError
+    from lcl_megatron.training.step import TrainingError
 
     try:
         result = train(cfg, resume=args.resume, init_from=init_from)
@@ -127,15 +127,15 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     from lcl_megatron.checkpoint.format import CHECKPOINTS_DIR, newest_checkpoint
     from lcl_megatron.checkpoint.manager import load_checkpoint, pick_resume_checkpoint, save_checkpoint
     from lcl_megatron.parallel import init_distributed, is_main_process
-    from lcl_megatron.training.engine import (build_engine, build_model, grad_norm_value, is_pipeline,
-                                              pipeline_train_step, plain_train_step)
+    from lcl_megatron.training.engine import build_engine, is_pipeline
+    from lcl_megatron.training.initial_model import build_initial_model
     from lcl_megatron.training.batches import TimedBatches, reads_data
     from lcl_megatron.training.metrics import MetricsLogger
-    from lcl_megatron.training.engine import TrainingError
     from lcl_megatron.training.profiling import StepProfiler, dump_cuda_memory_snapshot, record_cuda_memory_history
     from lcl_megatron.training.throughput import StepMeter
     from lcl_megatron.training.wandb_run import WandbRun
     from lcl_megatron.training.preemption import PreemptionWatcher
+    from lcl_megatron.training.step import TrainingError, grad_norm_value, pipeline_train_step, plain_train_step
     from lcl_megatron.utils import DiskFull, atomic_write_text
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -151,12 +151,12 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", config_text)
 
-    model = build_model(cfg, init_from)
+    model = build_initial_model(cfg, init_from)
     engine = build_engine(cfg, model)
     train_step = pipeline_train_step if is_pipeline(engine) else plain_train_step
     loader = build_loader(cfg, dp_rank, dp_size)
     if is_main_process():
-        print(f"lcl train: {describe_backends(cfg, engine, loader)}", flush=True)
+        print(f"lcl train: {describe_backends(cfg, engine, loader, model.backend.name)}", flush=True)
 
     def save(step: int) -> Path:
         try:
@@ -234,29 +234,29 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
                             "(open it at https://pytorch.org/memory_viz)") from None
     finally:
         log.close()
+        watcher.close()  # the caller's signal handlers again (a later SIGINT interrupts as usual)
     if is_main_process():
         print(f"checkpoint: {final}")
     last["exit_code"] = watcher.after_final_checkpoint()
     return last
 
 
-def describe_backends(cfg: Config, engine, loader) -> str:
+def describe_backends(cfg: Config, engine, loader, layers: str) -> str:
     """One line: what runs where, so a slow or surprising run shows its cause at the start."""
     import torch
     import torch.distributed as dist
 
     from kernels.attention import backend_name
+    from lcl_megatron.loss import describe_losses
 
     device = torch.device(engine.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     precision = "bf16 (fp32 master weights, gradients accumulated and reduced in fp32)" \
         if cfg.train.precision == "bf16" else "fp32" + (" (TF32 matmuls)" if device.type == "cuda" and cfg.train.tf32 else "")
     zero = engine.zero_optimization_stage() if engine.zero_optimization() else 0
-    losses = "Triton fused" if device.type == "cuda" and cfg.loss.impl == "fused" else \
-        "chunked torch" if cfg.loss.impl == "fused" else "plain torch"
     workers = getattr(getattr(loader, "loader", loader), "num_workers", 0)
     return (f"{dist.get_world_size()} x {name}, {precision}, ZeRO {zero}; attention {backend_name(device.type)}; "
-            f"losses {losses}; layers megatron-core with torch norms; {workers} loader worker(s) per reader")
+            f"losses {describe_losses(cfg.loss.impl, device.type)}; layers {layers}; {workers} loader worker(s) per reader")
 
 
 def skipped_counts(loader, cfg: Config, device) -> dict:

@@ -192,7 +192,9 @@ def test_training_continues_from_the_consolidated_checkpoint_on_another_zero_sta
     """Step 1 under ZeRO-0, consolidated, then step 2 under ZeRO `stage` in an engine built from
     another seed: the loss and the weights equal those of the run that went on under ZeRO-0."""
     from lcl_megatron.checkpoint.training_state import load_canonical_state
-    from lcl_megatron.training.engine import build_engine, build_model, plain_train_step
+    from lcl_megatron.training.engine import build_engine
+    from lcl_megatron.training.initial_model import build_initial_model
+    from lcl_megatron.training.step import plain_train_step
     from lcl_megatron.data.global_batch import build_loader
 
     consolidated = tmp_path / "consolidated"
@@ -201,7 +203,7 @@ def test_training_continues_from_the_consolidated_checkpoint_on_another_zero_sta
     assert code == 0, err
     cfg = load_config(consolidated / "config.yaml")
     assert cfg.parallel.zero_stage == stage
-    engine = build_engine(cfg, build_model(load_config(consolidated / "config.yaml", ["train.seed=99"])))
+    engine = build_engine(cfg, build_initial_model(load_config(consolidated / "config.yaml", ["train.seed=99"])))
     meta = load_canonical_state(engine, consolidated)
     assert meta["step"] == 1 and meta["global_steps"] == engine.global_steps == 1
     loader = build_loader(cfg, 0, 1)

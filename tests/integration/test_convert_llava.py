@@ -15,7 +15,7 @@ import torch
 from transformers import CLIPImageProcessor, CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from lcl_megatron.convert.feature_selection import CONSUMERS
-from lcl_megatron.eval.common import load_for_eval
+from lcl_megatron.eval.model_from_checkpoint import load_for_eval
 from tests.support.paths import REPO
 from tests.support.checkpoints import images_for, load_export_module
 from tests.support.configs import CHECKPOINTS

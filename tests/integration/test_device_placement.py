@@ -53,7 +53,8 @@ class DeviceEngine:
 
 class DevicePipelineEngine(DeviceEngine):
     """DeepSpeed's pipeline engine for one process holding every stage: it moves each micro-batch's
-    inputs to the device (as `_exec_load_micro_batch` does) and runs the stages in order."""
+    inputs to the device (as `_exec_load_micro_batch` does), runs the stages in order and averages
+    the loss stage's metrics over micro-batches (as its `get_additional_losses` reporting does)."""
 
     def __init__(self, stages):
         super().__init__(nn.Sequential(*stages))
@@ -65,14 +66,18 @@ class DevicePipelineEngine(DeviceEngine):
         return True
 
     def train_batch(self, data_iter):
-        losses = []
+        from lcl_megatron.model.pipeline import METRICS
+
+        losses, metrics = [], []
         for _ in range(GRAD_ACCUMULATION):
             inputs, _label = next(data_iter)
             x = tuple(t.clone().to(self.device) for t in inputs)
-            loss = self.module(x)
+            loss, reported = self.module(x)
             loss.backward()
             losses.append(loss.detach())
+            metrics.append(reported)
             self.step()
+        self.agg_additional_losses = dict(zip(METRICS, torch.stack(metrics).mean(0)))
         return torch.stack(losses).mean()
 
 
@@ -103,7 +108,7 @@ def _on_device(metrics: dict) -> None:
 
 @pytest.mark.parametrize("impl", ["fused", "torch"])
 def test_plain_step_runs_on_the_device_with_one_host_read(groups, impl):
-    from lcl_megatron.training.engine import plain_train_step
+    from lcl_megatron.training.step import plain_train_step
 
     cfg = tiny_config(f"loss.impl={impl}")
     batches = _batches(cfg)
@@ -123,7 +128,7 @@ def test_plain_step_runs_on_the_device_with_one_host_read(groups, impl):
 def test_pipeline_step_runs_on_the_device(groups):
     from lcl_megatron.model.pipeline import pipeline_layers
     from lcl_megatron.layout import max_images_per_microbatch
-    from lcl_megatron.training.engine import pipeline_train_step
+    from lcl_megatron.training.step import pipeline_train_step
 
     cfg = tiny_config()
     batches = _batches(cfg)

@@ -78,7 +78,7 @@ def test_samples_set_the_steps_and_eval_every_logs(run):
 def test_zeroshot_classifier_is_the_references_template_average(run):
     """OpenCLIP's build_zero_shot_classifier: per class, encode every template's text, L2-normalise,
     average, L2-normalise again; here each text goes through the model alone."""
-    from lcl_megatron.eval.common import load_for_eval
+    from lcl_megatron.eval.model_from_checkpoint import load_for_eval
     from lcl_megatron.eval.zeroshot import zeroshot_classifier
     from lcl_megatron.model.lcl import zeroshot_text_ids
     from lcl_megatron.tokenizer import get_tokenizer

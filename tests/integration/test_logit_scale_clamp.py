@@ -40,7 +40,7 @@ def test_clamped_after_each_step_single_process(tmp_path):
 
 def test_gradient_at_the_cap_is_not_zero():
     """What the old clamp-at-use lost: at the cap, the loss still moves the parameter."""
-    from lcl_megatron.model.lcl import exp_logit_scale
+    from lcl_megatron.model.dims import exp_logit_scale
 
     param = torch.nn.Parameter(torch.tensor([CAP]))
     exp_logit_scale(param).backward()

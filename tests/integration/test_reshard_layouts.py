@@ -104,7 +104,9 @@ def test_canonical_state_round_trip_into_another_engine(tmp_path):
     from lcl_megatron.checkpoint.format import OPTIMIZER_TENSORS, write_manifest
     from lcl_megatron.checkpoint.training_state import load_canonical_state, write_canonical_state
     from lcl_megatron.parallel import init_distributed
-    from lcl_megatron.training.engine import build_engine, build_model, plain_train_step
+    from lcl_megatron.training.engine import build_engine
+    from lcl_megatron.training.initial_model import build_initial_model
+    from lcl_megatron.training.step import plain_train_step
     from lcl_megatron.data.global_batch import build_loader
 
     def save_canonical(engine, cfg, out):  # DeepSpeed's files as `lcl train` writes them, read as reshard does
@@ -117,7 +119,7 @@ def test_canonical_state_round_trip_into_another_engine(tmp_path):
     cfg = load_config("configs/demo.yaml", tiny)
     init_distributed(cfg.parallel)
     vocab = cfg.model.text.vocab_size
-    source = build_engine(cfg, build_model(cfg))
+    source = build_engine(cfg, build_initial_model(cfg))
     batches = iter(build_loader(cfg, 0, 1))
     plain_train_step(source, batches, cfg, 1)
     saved = tmp_path / "saved"
@@ -126,7 +128,7 @@ def test_canonical_state_round_trip_into_another_engine(tmp_path):
     write_manifest(saved, {"step": 1})
 
     target_cfg = load_config("configs/demo.yaml", with_overrides(tiny, "parallel.zero_stage=3", "train.seed=99"))
-    target = build_engine(target_cfg, build_model(target_cfg))
+    target = build_engine(target_cfg, build_initial_model(target_cfg))
     assert load_canonical_state(target, saved)["step"] == 1
     second = save_canonical(target, target_cfg, tmp_path / "again")
     assert first.keys() == second.keys()

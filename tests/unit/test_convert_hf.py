@@ -9,7 +9,7 @@ from transformers import CLIPImageProcessor, CLIPVisionModel
 
 from lcl_megatron.config import ModelConfig, TextConfig, VisionConfig
 from lcl_megatron.data.images import preprocess_image
-from lcl_megatron.eval.common import load_for_eval
+from lcl_megatron.eval.model_from_checkpoint import load_for_eval
 from tests.support.checkpoints import demo_model_config, images_for, load_export_module, random_checkpoint
 from tests.support.cli import run_cli
 

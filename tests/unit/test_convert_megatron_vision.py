@@ -14,7 +14,7 @@ from megatron.core.models.vision.vit_layer_specs import LNImpl, get_vit_layer_wi
 from megatron.core.transformer.enums import AttnMaskType
 from safetensors.torch import load_file
 
-from lcl_megatron.eval.common import load_for_eval
+from lcl_megatron.eval.model_from_checkpoint import load_for_eval
 from lcl_megatron.model.core_attention import CoreAttention
 from lcl_megatron.model.layers import transformer_config
 from tests.support.checkpoints import demo_model_config, random_checkpoint

@@ -12,7 +12,6 @@ import pytest
 from lcl_megatron.layout import lm_layers_per_stage
 from lcl_megatron.plan import cli, costs, report
 from lcl_megatron.config import load_config
-from lcl_megatron.model.layers import llama_ffn_hidden_size
 from tests.support.launch import REPO
 
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -38,7 +37,7 @@ def hand_count(cfg, tp: int) -> int:
         whole += t.context_length * D + t.layers * (2 * D + 4 * D) + 2 * D + 2 * D  # positions, biases, norms
         split += t.layers * (3 * D * D + 3 * D + D * D + 2 * ffn * D + ffn)
     else:
-        ffn = t.ffn_hidden_size or llama_ffn_hidden_size(D)
+        ffn = t.ffn_hidden_size or 256 * math.ceil(int(8 * D / 3) / 256)  # Llama: 2/3 of 4D, rounded up to 256
         kv = 2 * (t.num_query_groups or t.heads) * (D // t.heads) * D
         whole += t.layers * 2 * D + D + D  # RMSNorms: two per layer, ln_final, the head's
         split += t.layers * (D * D + kv + D * D + 3 * ffn * D)  # q, k/v, proj, SwiGLU fc1 (gate, up) and fc2

@@ -14,7 +14,9 @@ from lcl_megatron import tokens
 from lcl_megatron.config import load_config
 from lcl_megatron.parallel import init_distributed
 from lcl_megatron.training.batches import reads_data
-from lcl_megatron.training.engine import build_engine, build_model, is_pipeline, pipeline_train_step, plain_train_step
+from lcl_megatron.training.engine import build_engine, is_pipeline
+from lcl_megatron.training.initial_model import build_initial_model
+from lcl_megatron.training.step import pipeline_train_step, plain_train_step
 from lcl_megatron.training.train import micro_batch_source
 
 
@@ -40,7 +42,7 @@ def main():
     run_dir, overrides = sys.argv[1], sys.argv[2:]
     cfg = load_config("configs/demo.yaml", overrides + [f"run.dir={run_dir}"])
     init_distributed(cfg.parallel, timeout_s=120)
-    engine = build_engine(cfg, build_model(cfg))
+    engine = build_engine(cfg, build_initial_model(cfg))
     step_fn = pipeline_train_step if is_pipeline(engine) else plain_train_step
     from megatron.core import parallel_state
 

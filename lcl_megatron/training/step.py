@@ -1,0 +1,119 @@
+"""One optimizer step on a DeepSpeed engine (plain or pipeline), returning the step's metrics.
+
+Both step functions return the same metrics, averaged over micro-batches and
+data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from lcl_megatron.config import Config
+from lcl_megatron.layout import max_images_per_microbatch
+from lcl_megatron.model.pipeline import METRICS, to_pipeline_batch
+from lcl_megatron.training.engine import pipeline_metrics
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss): one line, exit code 1."""
+
+
+def batch_to_device(batch: dict, device) -> dict:
+    """The loader's host tensors on the training device (asynchronous copies from pinned memory)."""
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def samples_in(batch: dict) -> torch.Tensor:
+    """Samples (pairs or documents, not rows) in a micro-batch: packed rows hold several."""
+    if "position_ids" in batch:
+        return ((batch["position_ids"] == 0) & batch["attention_mask"].bool()).sum()
+    return batch["attention_mask"].any(-1).sum()
+
+
+def _dp_mean(values: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    values = values.detach().clone()
+    dist.all_reduce(values, group=group)
+    return values / dist.get_world_size(group)
+
+
+def _non_finite_error(step: int, loss: float, generation: float, contrastive: float, when: str) -> TrainingError:
+    return TrainingError(f"non-finite loss at step {step} (loss={loss}, generation={generation}, "
+                         f"contrastive={contrastive}); {when}")
+
+
+def plain_train_step(engine, batches, cfg: Config, step: int) -> dict:
+    """One optimizer step over `train.grad_accumulation` micro-batches.
+
+    The numbers stay on the device until one read, before the update: the
+    data-parallel mean of the losses, the logit scale and the tokens, which
+    also stops the run on a non-finite loss before it reaches the weights
+    (Megatron checks every step likewise). The gradient norm is returned as
+    the engine holds it; the caller reads it only on logged steps.
+    """
+    accumulation = cfg.train.grad_accumulation
+    # loss, generation, contrastive, regression, logit_scale, tokens, images, samples
+    sums = torch.zeros(8, device=engine.device)
+    for micro in range(accumulation):
+        batch = batch_to_device(next(batches), engine.device)
+        out = engine(batch["images"], batch["input_ids"], batch["attention_mask"],
+                     batch.get("position_ids"), batch.get("cu_seqlens"))
+        engine.backward(out["loss"])
+        sums[:6] += torch.stack([out["loss"].detach().float(), out["generation_loss"].float(),
+                                 out["contrastive_loss"].float(), out["regression_loss"].float(),
+                                 out["logit_scale"].float(), batch["attention_mask"].sum().float()])
+        sums[6] += batch["images"].shape[0]
+        sums[7] += samples_in(batch)
+        if micro == accumulation - 1:  # the next engine.step() updates the weights
+            loss, generation, contrastive, regression, logit_scale, tokens, images, samples = \
+                _dp_mean(sums / accumulation).cpu().tolist()
+            if not math.isfinite(loss + generation + contrastive + regression):
+                raise _non_finite_error(step, loss, generation, contrastive, "stopping before the update")
+        engine.step()
+    return {"loss": loss, "generation_loss": generation, "contrastive_loss": contrastive, "regression_loss": regression,
+            "logit_scale": logit_scale, "grad_norm": engine.get_global_grad_norm(),
+            "tokens": tokens * accumulation, "images": images * accumulation, "samples": samples * accumulation}
+
+
+def pipeline_train_step(engine, batches, cfg: Config, step: int) -> dict:
+    """One optimizer step of DeepSpeed's pipeline schedule.
+
+    DeepSpeed's pipeline engine moves each micro-batch to the device itself,
+    and hands every rank the loss stage's metrics averaged over micro-batches
+    and data-parallel ranks. The counts are the first stage's (it reads the batches).
+    """
+    max_images = max_images_per_microbatch(cfg)
+    counts = torch.zeros(3, device=engine.device)  # tokens, images, samples
+
+    def micro_batches():
+        while True:
+            batch = next(batches)
+            counts[0] += batch["attention_mask"].sum()
+            counts[1] += batch["images"].shape[0]
+            counts[2] += samples_in(batch)
+            yield to_pipeline_batch(batch, max_images)
+
+    first, last = engine.is_first_stage(), engine.is_last_stage()
+    # Later stages take their inputs from the previous one; `batches` holds the last stage's placeholder labels.
+    loss = engine.train_batch(data_iter=micro_batches() if first else batches if last else None)
+    reported = pipeline_metrics(engine)
+    metrics = torch.stack([loss.detach().float().reshape(())] + [reported[name].float().reshape(()) for name in METRICS])
+    if first:
+        counts = _dp_mean(counts)
+    loss, generation, contrastive, regression, logit_scale, tokens, images, samples = \
+        torch.cat([metrics.to(counts.device), counts]).cpu().tolist()
+    if not math.isfinite(loss + generation + contrastive + regression):
+        raise _non_finite_error(step, loss, generation, contrastive, "stopping")
+    return {"loss": loss, "generation_loss": generation, "contrastive_loss": contrastive, "regression_loss": regression,
+            "logit_scale": logit_scale, "grad_norm": engine.get_global_grad_norm(), "tokens": tokens, "images": images,
+            "samples": samples}
+
+
+def grad_norm_value(value) -> float:
+    """The engine's gradient norm (a float, a device tensor or None) as a number: a host read."""
+    return float(value) if value is not None else float("nan")
