@@ -216,7 +216,7 @@ def reference_docs_per_s(zipped: Path, images: Path, documents: int, batch: int)
 
 
 def our_docs_per_s(zipped: Path, images: Path, root: Path, documents: int, batch: int) -> tuple[float, float]:
-    from lcl_megatron.data.prepare import mmc4_main
+    from lcl_megatron.data.prepare.commands import mmc4_main
 
     out = root / "shards"
     with open(os.devnull, "w") as devnull:
