@@ -41,6 +41,17 @@ class SourcedRow(tuple):
     source: tuple
 
 
+def stream_position(samples: MixedStream, skipped_in_a_row: int = 0, rows: list = (),
+                    packing: list[list[SourcedRow]] | None = None) -> dict:
+    """Where one stream stands between two batches (JSON): its sample stream, the rows waiting
+    for a batch and, with packing, the rows being packed, each row as its samples' sources."""
+    def sources(row):
+        return [list(part.source) for part in row] if packing is not None else list(row.source)
+
+    return {"samples": samples.state(), "skipped_in_a_row": skipped_in_a_row, "rows": [sources(row) for row in rows],
+            "packing": [sources(row) for row in packing] if packing is not None else []}
+
+
 class BatchStream(torch.utils.data.IterableDataset):
     """Batches of one DP rank; with DataLoader workers each worker is its own stream.
 
@@ -64,6 +75,12 @@ class BatchStream(torch.utils.data.IterableDataset):
         self.positions: list[dict | None] = [None] * self.num_workers
         self.first_role = 0
 
+    def samples(self, role: int, state: dict | None = None) -> MixedStream:
+        """The sample stream of stream `role` of this rank, from the start or from `state`."""
+        return MixedStream(self.datasets, stream=self.dp_rank * self.num_workers + role,
+                           num_streams=self.dp_size * self.num_workers, seed=self.seed,
+                           shuffle_buffer=self.shuffle_buffer, interleave_shards=self.interleave_shards, state=state)
+
     def _row(self, source: tuple, sample: dict, tokenizer, stats: Counter) -> SourcedRow:
         """The row of a sample; its random choices depend on the sample's name only."""
         dataset, epoch, shard, _ = source
@@ -81,7 +98,6 @@ class BatchStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         role = ((info.id if info is not None else 0) + self.first_role) % self.num_workers
-        stream_id = self.dp_rank * self.num_workers + role
         tokenizer = self.tokenizer
         if tokenizer is None:
             from lcl_megatron.tokenizer import get_tokenizer
@@ -91,10 +107,7 @@ class BatchStream(torch.utils.data.IterableDataset):
         # the shortest sequence: <start_of_text> + an image run
         packer = RowPacker(L, self.pack_open_rows, self.settings.num_image_tokens + 3) if self.packing else None
         position = self.positions[role]
-        samples = MixedStream(self.datasets, stream=stream_id, num_streams=self.dp_size * self.num_workers,
-                              seed=self.seed, shuffle_buffer=self.shuffle_buffer,
-                              interleave_shards=self.interleave_shards,
-                              state=position["samples"] if position else None)
+        samples = self.samples(role, position["samples"] if position else None)
         rows: list = []
         skipped_in_a_row = 0
         if position:
@@ -114,12 +127,8 @@ class BatchStream(torch.utils.data.IterableDataset):
                 stats["tokens_total"] += B * L
                 counts = Counter(stats)
                 stats.clear()  # the same object keeps counting inside the stream
-                sources = (lambda row: [list(r.source) for r in row]) if packer is not None else \
-                    (lambda row: list(row.source))
-                yield batch, counts, {
-                    "samples": samples.state(), "skipped_in_a_row": skipped_in_a_row,
-                    "rows": [sources(row) for row in rows],
-                    "packing": [[list(r.source) for r in row] for row in packer.rows] if packer is not None else []}
+                yield batch, counts, stream_position(samples, skipped_in_a_row, rows,
+                                                     packer.rows if packer is not None else None)
             dataset, epoch, shard, offset, sample = samples.next(stats)
             try:
                 row = self._row((dataset, epoch, shard, offset), sample, tokenizer, stats)
