@@ -28,8 +28,8 @@ from lcl_megatron.config import parse_data_entry
 from lcl_megatron.data.packing import RowPacker, collate_packed
 from lcl_megatron.data.samples import SKIP_REASONS, SampleSettings, SkipSample, collate, sample_to_row
 from lcl_megatron.data.seeds import derive_seed
-from lcl_megatron.data.shards import ShardError, read_sample_at, read_shard
-from lcl_megatron.data.stream import MixedStream, resolve_shards
+from lcl_megatron.data.shards import ShardError, read_shard
+from lcl_megatron.data.stream import MixedStream, read_sources, resolve_shards
 
 MAX_SKIPPED_IN_A_ROW = 10_000
 
@@ -91,9 +91,10 @@ class BatchStream(torch.utils.data.IterableDataset):
         row.source = source
         return row
 
-    def _row_again(self, source: list, tokenizer) -> SourcedRow:
-        dataset, epoch, shard, offset = source
-        return self._row(tuple(source), read_sample_at(shard, offset), tokenizer, Counter())
+    def _rows_again(self, sources: list[list], tokenizer) -> list[SourcedRow]:
+        """The rows of samples at `sources` (dataset, epoch, shard, offset), made again."""
+        samples = read_sources([(shard, offset) for _, _, shard, offset in sources])
+        return [self._row(tuple(source), sample, tokenizer, Counter()) for source, sample in zip(sources, samples)]
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -114,11 +115,11 @@ class BatchStream(torch.utils.data.IterableDataset):
             skipped_in_a_row = position["skipped_in_a_row"]
             if packer is not None:
                 for sources in position["packing"]:
-                    packer.rows.append([self._row_again(source, tokenizer) for source in sources])
+                    packer.rows.append(self._rows_again(sources, tokenizer))
                     packer.free.append(L - sum(len(row[0]) for row in packer.rows[-1]))
-                rows = [[self._row_again(source, tokenizer) for source in sources] for sources in position["rows"]]
+                rows = [self._rows_again(sources, tokenizer) for sources in position["rows"]]
             else:
-                rows = [self._row_again(source, tokenizer) for source in position["rows"]]
+                rows = self._rows_again(position["rows"], tokenizer)
         while True:
             while len(rows) >= B:
                 batch = (collate_packed if packer is not None else collate)(rows[:B], L, self.settings.image_size)
@@ -185,18 +186,29 @@ class TrainLoader:
             self.replay = 0
             yield batch
 
+    def _shard_counts(self) -> list[int]:
+        return [len(shards) for shards, _ in self.dataset.datasets]
+
     def state_dict(self) -> dict:
-        return {"batches_consumed": self.batches_consumed, "streams": list(self.positions)}
+        return {"batches_consumed": self.batches_consumed, "streams": list(self.positions),
+                "shards": self._shard_counts()}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches_consumed = int(state["batches_consumed"])
         streams = state.get("streams")
         if streams is not None and len(streams) != self.dataset.num_workers:
-            raise ValueError(f"the data position was saved with {len(streams)} loader stream(s) per rank, "
-                             f"this loader has {self.dataset.num_workers}: resume with the same data.num_workers")
+            reason = (f"was saved with {len(streams)} loader stream(s) per rank and this loader has "
+                      f"{self.dataset.num_workers} (data.num_workers changed), so the stream differs")
+            streams = None
+        elif streams is not None and state.get("shards") != self._shard_counts():
+            reason = (f"was saved for datasets of {state.get('shards')} shards and data.path now holds "
+                      f"{self._shard_counts()}, so the stream differs")
+            streams = None
+        else:
+            reason = "predates seekable resume"
         if streams is None and self.batches_consumed > 0:
-            print(f"lcl: warning: this data position predates seekable resume; producing its "
-                  f"{self.batches_consumed} consumed batches again to reach it", file=sys.stderr, flush=True)
+            print(f"lcl: warning: this data position {reason}; producing its {self.batches_consumed} "
+                  f"consumed batches again to reach it", file=sys.stderr, flush=True)
             self.positions, self.replay = [None] * self.dataset.num_workers, self.batches_consumed
         else:
             self.positions, self.replay = list(streams or [None] * self.dataset.num_workers), 0

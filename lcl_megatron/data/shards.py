@@ -147,8 +147,24 @@ def read_shard_from(path: str | Path, start: int = 0) -> Iterator[tuple[int, int
         yield current_offset, end, current
 
 
-def read_sample_at(path: str | Path, offset: int) -> dict:
-    """The sample whose first member's header is at `offset` (read_shard_from's offsets)."""
-    for _, _, sample in read_shard_from(path, offset):
-        return sample
-    raise ShardError(f"{path}: no sample at offset {offset}")
+def read_samples_at(path: str | Path, offsets: Iterable[int]) -> dict[int, dict]:
+    """{offset: sample} of the samples whose first member's header is at each of `offsets`
+    (read_shard_from's offsets). A tar file is entered at each offset; a pipe or a compressed
+    tar is read once, from the first offset to the last."""
+    wanted = sorted(set(offsets))
+    found: dict[int, dict] = {}
+    if wanted and _seekable(str(path)):
+        for offset in wanted:
+            for start, _, sample in read_shard_from(path, offset):
+                found[start] = sample
+                break
+    elif wanted:
+        for start, _, sample in read_shard_from(path, wanted[0]):
+            if start in wanted:
+                found[start] = sample
+            if start >= wanted[-1]:
+                break
+    missing = [offset for offset in wanted if offset not in found]
+    if missing:
+        raise ShardError(f"{path}: no sample at offset {missing[0]}")
+    return found

@@ -22,7 +22,6 @@ position is read again, so resuming costs the same at any step.
 from __future__ import annotations
 
 import glob
-import itertools
 import os
 import random
 import sys
@@ -32,7 +31,7 @@ from typing import Iterator
 from lcl_megatron.config import PIPE_PREFIX, expand_braces
 from lcl_megatron.data.embedded import corpus_index, ensure_corpus
 from lcl_megatron.data.seeds import derive_seed
-from lcl_megatron.data.shards import ShardError, read_sample_at, read_shard_from
+from lcl_megatron.data.shards import ShardError, read_samples_at, read_shard_from
 
 
 def resolve_shards(entry: str) -> list[str]:
@@ -65,6 +64,15 @@ def rng_from_state(state: list) -> random.Random:
     rng = random.Random()
     rng.setstate((state[0], tuple(state[1]), state[2]))
     return rng
+
+
+def read_sources(sources: list[tuple[str, int]]) -> list[dict]:
+    """The samples at (shard, offset) `sources`, in their order, each shard opened once."""
+    offsets: dict[str, list[int]] = {}
+    for shard, offset in sources:
+        offsets.setdefault(shard, []).append(offset)
+    found = {shard: read_samples_at(shard, wanted) for shard, wanted in offsets.items()}
+    return [found[shard][offset] for shard, offset in sources]
 
 
 class EpochReader:
@@ -138,8 +146,9 @@ class SampleStream:
             self.rng = rng_from_state(state["rng"])
             self.reader = EpochReader(self, self.epoch, state["reader"])
             # the buffered samples are read again where they lie: at most `shuffle_buffer` of them
-            self.buffer = [(self.shards[i], offset, read_sample_at(self.shards[i], offset))
-                           for i, offset in state["buffer"]]
+            self.buffer = [(self.shards[i], offset, sample)
+                           for (i, offset), sample in zip(state["buffer"], read_sources(
+                               [(self.shards[i], offset) for i, offset in state["buffer"]]))]
 
     def _start_epoch(self, epoch: int) -> None:
         self.epoch, self.draining, self.yielded = epoch, False, False
@@ -186,12 +195,6 @@ class SampleStream:
             if not self.yielded:
                 raise RuntimeError(f"data stream {self.stream} found no readable sample in {len(self.shards)} shards")
             self._start_epoch(self.epoch + 1)
-
-    def __call__(self, stats: Counter) -> Iterator[tuple[int, str, dict]]:
-        """(epoch, shard name, sample) forever."""
-        for _ in itertools.count():
-            epoch, shard, _, sample = self.next(stats)
-            yield epoch, os.path.basename(shard), sample
 
 
 class MixedStream:
