@@ -22,7 +22,6 @@ import io
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
