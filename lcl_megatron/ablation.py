@@ -110,7 +110,7 @@ def run(arms: list[str], seeds: list[int], steps: int | None, work: Path, jobs: 
     from concurrent.futures import ThreadPoolExecutor
 
     from lcl_megatron.data.labelled import load_labelled_set
-    from lcl_megatron.data.loader import load_zeroshot_set
+    from lcl_megatron.eval.datasets import load_zeroshot_set
     from lcl_megatron.eval.model_from_checkpoint import load_for_eval
     from lcl_megatron.eval.probe import untrained_model
 

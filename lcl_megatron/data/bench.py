@@ -53,7 +53,7 @@ UTILISATION_TARGET, SPEEDUP_GOAL = 0.95, 2.0
 # ------------------------------------------------------------------ inputs
 
 
-def _photos() -> list[PILImage.Image]:
+def sample_photos() -> list[PILImage.Image]:
     import sklearn
 
     folder = Path(sklearn.__file__).parent / "datasets" / "images"
@@ -77,7 +77,7 @@ def make_mmc4_inputs(mmc4_jsonl: Path, root: Path) -> tuple[Path, Path]:
     docs = [json.loads(line) for line in mmc4_jsonl.read_text().splitlines() if line.strip()]
     images = root / "images"
     images.mkdir()
-    photos = _photos()
+    photos = sample_photos()
     for n, name in enumerate(sorted({info["image_name"] for doc in docs for info in doc["image_info"]})):
         (images / name).write_bytes(web_photo(n, photos))
     (root / "docs").mkdir()
@@ -216,7 +216,7 @@ def reference_docs_per_s(zipped: Path, images: Path, documents: int, batch: int)
 
 
 def our_docs_per_s(zipped: Path, images: Path, root: Path, documents: int, batch: int) -> tuple[float, float]:
-    from lcl_megatron.data.prepare import mmc4_main
+    from lcl_megatron.data.prepare.commands import mmc4_main
 
     out = root / "shards"
     with open(os.devnull, "w") as devnull:
@@ -270,7 +270,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -310,7 +310,7 @@ def main(argv: list[str]) -> int:
     load = os.getloadavg()[0]
     result = {
         "date": datetime.date.today().isoformat(),
-        "machine": f"{_cpu_name()}, {os.cpu_count()} CPU cores (load average {load:.1f})",
+        "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores (load average {load:.1f})",
         "pairs": pairs,
         "documents": {"documents": args.documents, "reference_docs_per_s": reference, "ours_docs_per_s": ours,
                       "ours_token_utilisation": utilisation},

@@ -1,6 +1,6 @@
 """Several documents or pairs per row: first-fit packing and the packed batch.
 
-A packed batch adds to the batch contract (loader.py):
+A packed batch adds to the batch contract (samples.py):
     position_ids  int64 [B, L]: 0, 1, ... restarting at every document; the
                   padding after a row's last document counts 0, 1, ... too
     cu_seqlens    int32 [S + 1]: segment boundaries over the B x L tokens

@@ -72,14 +72,18 @@ def parse_mmc4(raw) -> tuple[list[str], list[tuple[int, float, str]]]:
 
 
 def select_mmc4_images(matches: Sequence[tuple[int, float, str]], rng: random.Random, *,
-                       min_similarity: float, max_images: int) -> list[tuple[int, str]]:
+                       min_similarity: float, max_images: int,
+                       one_per_sentence: bool = True) -> list[tuple[int, str]]:
     """The reference's image selection -> [(sentence_index, image_name)] in sentence order.
 
     Drop matches below `min_similarity`, sort by sentence (stable), keep one image
     per sentence drawn at random (one draw per sentence, even a sentence with one
-    image, as the reference does), keep the first `max_images`.
+    image, as the reference does; `one_per_sentence=False` keeps them all), keep
+    the first `max_images`.
     """
     kept = sorted(((index, name) for index, sim, name in matches if sim >= min_similarity), key=lambda m: m[0])
+    if not one_per_sentence:
+        return kept[:max_images]
     chosen = []
     start = 0
     while start < len(kept):
@@ -96,19 +100,18 @@ def place_mmc4_images(sentences: Sequence[str], images: Sequence[tuple[int, str]
     """Put each image before its sentence with probability `img_first_prob`, else after it.
 
     `images` are the selected images that actually loaded, in sentence order
-    (the reference draws placement only for those).
+    (the reference draws placement only for those); several images of one
+    sentence keep their order.
     """
-    before: dict[int, str] = {}
-    after: dict[int, str] = {}
+    before: dict[int, list[str]] = {}
+    after: dict[int, list[str]] = {}
     for index, name in images:
-        (before if rng.random() < img_first_prob else after)[index] = name
+        (before if rng.random() < img_first_prob else after).setdefault(index, []).append(name)
     items: list = []
     for index, sentence in enumerate(sentences):
-        if index in before:
-            items.append(Image(before[index]))
+        items += [Image(name) for name in before.get(index, ())]
         items.append(Text(sentence))
-        if index in after:
-            items.append(Image(after[index]))
+        items += [Image(name) for name in after.get(index, ())]
     return Document(items)
 
 

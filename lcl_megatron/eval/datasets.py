@@ -219,3 +219,28 @@ class CaptionedSet:
     def batches(self, image_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, list[list[str]]]]:
         """(images [B, 3, H, W], each image's captions) in a fixed order."""
         yield from _batches(self._items(), image_size, batch_size)
+
+
+def load_zeroshot_set(entry: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """A held-out classification set, whole -> (images [N,3,H,W], labels [N], one prompt per class).
+
+    `entry` is "embedded:NAME" or a directory holding shards of `png`+`cls`
+    samples and `class_prompts.json` (a JSON list of strings, class i first... last).
+    """
+    from lcl_megatron.data.embedded import CLASS_PROMPTS_FILE, HELDOUT_SHARD
+    from lcl_megatron.data.images import load_image
+    from lcl_megatron.data.shards import read_shard
+
+    if entry.startswith("embedded:"):
+        directory = _embedded_dir(entry)
+        shards = [directory / HELDOUT_SHARD]
+    else:
+        directory = Path(entry)
+        shards = _shards(directory)
+    prompts = json.loads((directory / CLASS_PROMPTS_FILE).read_text())
+    images, labels = [], []
+    for shard in shards:
+        for sample in read_shard(shard):
+            images.append(load_image(_sample_image(sample), image_size))
+            labels.append(int(sample["cls"].decode()))
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), prompts

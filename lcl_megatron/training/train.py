@@ -266,7 +266,7 @@ def skipped_counts(loader, cfg: Config, device) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from lcl_megatron.data.loader import SKIP_REASONS
+    from lcl_megatron.data.samples import SKIP_REASONS
 
     counts = torch.tensor([loader.stats.get(reason, 0) for reason in SKIP_REASONS], dtype=torch.long, device=device)
     if cfg.data.split == "shards" and parallel_state.get_data_parallel_world_size() > 1:

@@ -9,7 +9,8 @@ import torch
 from PIL import Image as PILImage
 
 from lcl_megatron.config import DataConfig
-from lcl_megatron.data.loader import SampleStream, build_train_loader, resolve_shards
+from lcl_megatron.data.loader import build_train_loader
+from lcl_megatron.data.stream import SampleStream, resolve_shards
 from lcl_megatron.data.shards import read_shard, write_shard
 from lcl_megatron.tokens import EOI_ID, EOT_ID, IMG_ID, PAD_ID, SOI_ID, SOT_ID
 from tests.support.paths import MMC4_DIR
@@ -80,7 +81,7 @@ def test_resume_from_state_dict_continues_the_same_batches():
     resumed.load_state_dict(state)
     for x, y in zip(straight[4:], take(resumed, 3)):
         assert all(torch.equal(x[k], y[k]) for k in x)
-    assert resumed.state_dict() == {"batches_consumed": 7}
+    assert resumed.state_dict()["batches_consumed"] == 7
 
 
 def epoch_keys(shards, stream, streams):
@@ -205,3 +206,38 @@ def test_data_without_any_usable_sample_fails_clearly(tmp_path, monkeypatch):
     write_shard(tmp_path / "bad.tar", [(f"k{i}", {"json": b"[]"}) for i in range(5)])
     with pytest.raises(RuntimeError, match="in a row were unusable"):
         take(loader(DataConfig(path=[str(tmp_path)])), 1)
+
+
+def test_seeking_to_a_saved_position_many_epochs_in_gives_the_uninterrupted_batches(tmp_path, capsys):
+    """Two datasets mixed, one dealt to both ranks through a pipe, shards interleaved, packing, crops:
+    a loader built from the position after batch 40 (several epochs in) yields the uninterrupted
+    run's next batches bit for bit."""
+    for s in range(5):
+        write_shard(tmp_path / f"a{s}.tar", [(f"a{s}-{i}", {"txt": f"shard {s} pair {i}".encode(),
+                                                            "png": png((40 * s, 9 * i, 7))}) for i in range(7)])
+    (tmp_path / "b").mkdir()
+    write_shard(tmp_path / "b" / "only.tar", [(f"b{i}", {"json": doc_json("one", "i0.png", "two words"),
+                                                         "i0.png": png((9 * i, 200, 30))}) for i in range(9)])
+    cfg = DataConfig(path=[f"{tmp_path}/a{{0..4}}.tar:2", f"pipe:cat {tmp_path}/b/only.tar:1"], shuffle_buffer=5,
+                     interleave_shards=2, packing=True, pack_open_rows=3, augment=True)
+    straight = loader(cfg, rank=1, size=2, batch=3, context=48)
+    it = iter(straight)
+    for _ in range(40):
+        next(it)
+    state = json.loads(json.dumps(straight.state_dict()))  # as a checkpoint holds it
+    expected = [next(it) for _ in range(8)]
+    assert state["batches_consumed"] == 40 and state["streams"][0]["samples"]["datasets"][0]["epoch"] >= 5
+    resumed = loader(cfg, rank=1, size=2, batch=3, context=48)
+    resumed.load_state_dict(state)
+    got = take(resumed, 8)
+    assert all(g.keys() == e.keys() and all(torch.equal(g[k], e[k]) for k in g) for g, e in zip(got, expected))
+    assert resumed.state_dict()["batches_consumed"] == 48
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_position_without_stream_state_is_replayed_with_one_warning(capsys):
+    straight = take(loader(), 5)
+    resumed = loader()
+    resumed.load_state_dict({"batches_consumed": 3})
+    assert all(torch.equal(g["input_ids"], e["input_ids"]) for g, e in zip(take(resumed, 2), straight[3:]))
+    assert capsys.readouterr().err.count("warning") == 1

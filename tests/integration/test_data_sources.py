@@ -5,7 +5,8 @@ import shutil
 import pytest
 
 from lcl_megatron.config import ConfigError, load_config, parse_data_entry
-from lcl_megatron.data.loader import build_train_loader, resolve_shards
+from lcl_megatron.data.loader import build_train_loader
+from lcl_megatron.data.stream import resolve_shards
 from lcl_megatron.data.shards import ShardError, read_shard, write_shard
 
 

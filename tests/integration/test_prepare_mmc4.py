@@ -16,7 +16,7 @@ from PIL import Image as PILImage
 
 from lcl_megatron.config import DataConfig
 from lcl_megatron.data.loader import build_train_loader
-from lcl_megatron.data.prepare import mmc4_main
+from lcl_megatron.data.prepare.commands import mmc4_main
 from lcl_megatron.data.shards import read_shard
 from lcl_megatron.tokens import SOI_ID
 from tests.support.launch import read_metrics, run_lcl

@@ -8,7 +8,7 @@ import pytest
 from lcl_megatron.config import ConfigError, load_config
 from lcl_megatron.data import embedded
 from lcl_megatron.data.embedded import DIGIT_NAMES, class_prompts, ensure_corpus
-from lcl_megatron.data.loader import load_zeroshot_set
+from lcl_megatron.eval.datasets import load_zeroshot_set
 from lcl_megatron.data.shards import read_shard
 from tests.support.paths import corpus_file_hashes
 

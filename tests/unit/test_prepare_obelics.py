@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image as PILImage
 
-from lcl_megatron.data.prepare import obelics_main
+from lcl_megatron.data.prepare.commands import obelics_main
 from lcl_megatron.data.shards import read_shard, write_shard
 
 

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from lcl_megatron.config import DataConfig
-from lcl_megatron.data.loader import SampleStream, build_train_loader
+from lcl_megatron.data.loader import build_train_loader
+from lcl_megatron.data.stream import SampleStream
 from lcl_megatron.data.shards import write_shard
 
 
@@ -74,7 +75,7 @@ def _reference_mmc4_images(matched_sentences, loadable, max_images=6):
 def test_mmc4_picks_and_caps_before_dropping_unloadable_images(tmp_path, form):
     import json
 
-    from lcl_megatron.data.prepare import mmc4_main
+    from lcl_megatron.data.prepare.commands import mmc4_main
     from lcl_megatron.tokens import SOI_ID
 
     images = tmp_path / "images"

@@ -14,7 +14,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from lcl_megatron.data.convert_common import REPORT_FILE, run_conversion, shard_name, summary_lines, write_json
+from lcl_megatron.data.prepare.conversion import REPORT_FILE, run_conversion, shard_name, summary_lines, write_json
 from lcl_megatron.data.images import MAX_IMAGE_PIXELS
 
 
@@ -67,7 +67,7 @@ def _check(args) -> None:
 
 
 def mmc4_main(argv: list[str]) -> int:
-    from lcl_megatron.data import convert_mmc4
+    from lcl_megatron.data.prepare import mmc4 as convert_mmc4
 
     parser = argparse.ArgumentParser(prog="lcl prepare mmc4", description=convert_mmc4.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -108,7 +108,7 @@ def mmc4_main(argv: list[str]) -> int:
 
 
 def obelics_main(argv: list[str]) -> int:
-    from lcl_megatron.data import convert_obelics
+    from lcl_megatron.data.prepare import obelics as convert_obelics
 
     parser = argparse.ArgumentParser(prog="lcl prepare obelics", description=convert_obelics.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from lcl_megatron.data.convert_common import store_image, write_output_shard
+from lcl_megatron.data.prepare.conversion import store_image, write_output_shard
 from lcl_megatron.data.documents import Document, Image, Text
 from lcl_megatron.data.images import MAX_IMAGE_PIXELS
 from lcl_megatron.data.shards import split_member_name

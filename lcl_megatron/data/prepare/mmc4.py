@@ -25,12 +25,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from lcl_megatron.data.convert_common import store_image, write_output_shard
-from lcl_megatron.data.documents import Document, Image, Text
+from lcl_megatron.data.prepare.conversion import store_image, write_output_shard
 from lcl_megatron.data.images import MAX_IMAGE_PIXELS
 from lcl_megatron.data.jsonl_lines import read_lines
-from lcl_megatron.data.loader import derive_seed
-from lcl_megatron.data.sequences import parse_mmc4
+from lcl_megatron.data.seeds import derive_seed
+from lcl_megatron.data.sequences import parse_mmc4, place_mmc4_images, select_mmc4_images
 
 INPUT_SUFFIXES = (".jsonl.zip", ".jsonl")
 UNLOADABLE_PREFIX = "unloadable/"  # image_info name of an image that failed to load: never a sample member
@@ -75,32 +74,6 @@ def _read_image(folders: list[str], name: str) -> bytes | None:
     return None
 
 
-def _select(matches: list[tuple[int, float, str]], rng: random.Random, opts: Mmc4Options) -> list[tuple[int, str]]:
-    """The reference's rules on usable images (sentence index, name): sort by sentence,
-    optionally one at random per sentence, at most `max_images`."""
-    ordered = sorted(((index, name) for index, _, name in matches), key=lambda m: m[0])
-    if opts.one_image_per_sentence:
-        groups: dict[int, list[str]] = {}
-        for index, name in ordered:
-            groups.setdefault(index, []).append(name)
-        ordered = [(index, names[rng.randint(0, len(names) - 1)]) for index, names in groups.items()]
-    return ordered[: opts.max_images]
-
-
-def _items_document(sentences: list[str], chosen: list[tuple[int, str]], rng: random.Random,
-                    img_first_prob: float) -> Document:
-    before: dict[int, list[str]] = {}
-    after: dict[int, list[str]] = {}
-    for index, name in chosen:
-        (before if rng.random() < img_first_prob else after).setdefault(index, []).append(name)
-    items: list = []
-    for index, sentence in enumerate(sentences):
-        items += [Image(name) for name in before.get(index, ())]
-        items.append(Text(sentence))
-        items += [Image(name) for name in after.get(index, ())]
-    return Document(items)
-
-
 def convert_document(raw: dict, folders: list[str], opts: Mmc4Options, rng: random.Random,
                      stats: Counter) -> dict[str, bytes] | None:
     """One parsed MMC4 document -> the files of its output sample, or None (reason counted)."""
@@ -135,11 +108,13 @@ def convert_document(raw: dict, folders: list[str], opts: Mmc4Options, rng: rand
             usable.append((index, sim, member))
         matched.append((index, sim, member if member is not None else UNLOADABLE_PREFIX + name))
     if opts.form == "items":
-        chosen = [(index, name) for index, name in _select(matched, rng, opts) if name in files]
+        selected = select_mmc4_images(matched, rng, min_similarity=opts.min_similarity, max_images=opts.max_images,
+                                      one_per_sentence=opts.one_image_per_sentence)
+        chosen = [(index, name) for index, name in selected if name in files]
         unchosen = len(usable) - len(chosen)
         stats["images_dropped_not_selected"] += unchosen
         stats["images_out"] -= unchosen
-        doc = _items_document(sentences, chosen, rng, opts.img_first_prob)
+        doc = place_mmc4_images(sentences, chosen, rng, opts.img_first_prob)
         names = {image.name for image in doc.images}
         files = {member: data for member, data in files.items() if member in names}
         kept = len(chosen)
