@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -79,10 +80,20 @@ def verify_groups_match(engine) -> None:
 
 
 def destroy_process_groups() -> None:
-    """megatron-core's groups, then torch.distributed's (DeepSpeed's are among them)."""
+    """Every process group down while the interpreter is whole: megatron-core's, then torch.distributed's
+    through DeepSpeed when it runs (so that it also drops the references it keeps to them).
+
+    Groups still alive at exit are torn down by interpreter and C++ static teardown in no set
+    order, their gloo/NCCL and TCPStore threads still running: a rank can then abort
+    ("terminate called without an active exception") after its checkpoint was written."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    deepspeed_comm = sys.modules.get("deepspeed.comm")  # never imported: DeepSpeed holds no group
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        deepspeed_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
 
 

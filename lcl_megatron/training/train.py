@@ -61,9 +61,10 @@ def main(argv=None) -> int:
     except (TrainingError, PipelineInputError) as e:
         print(f"lcl train: {e}", file=sys.stderr)
         return 1
-    # Process groups down in order while the interpreter is whole: their native threads, left
-    # to interpreter teardown, can abort a rank that has already written its checkpoint.
-    destroy_process_groups()
+    finally:
+        # On every way out (finished, stopped by a signal, failed): process groups left to
+        # interpreter teardown can abort a rank that has already written its checkpoint.
+        destroy_process_groups()
     return result["exit_code"]  # non-zero when a signal stopped the run and it was not requeued
 
 
@@ -233,8 +234,10 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
         raise TrainingError(f"out of GPU memory at step {step + 1}; the allocations leading there are in {snapshot} "
                             "(open it at https://pytorch.org/memory_viz)") from None
     finally:
+        # Shutdown order: the logs (TensorBoard's writer thread) closed and the signal handlers
+        # put back here; the process groups last, in `main`, once nothing here can use them.
         log.close()
-        watcher.close()  # the caller's signal handlers again (a later SIGINT interrupts as usual)
+        watcher.close()
     if is_main_process():
         print(f"checkpoint: {final}")
     last["exit_code"] = watcher.after_final_checkpoint()

@@ -12,6 +12,8 @@ import pytest
 from lcl_megatron.training.preemption import PreemptionWatcher
 from tests.support.launch import REPO, free_port
 
+# Shuts down in `lcl train`'s order (training/train.py): the watcher closed, then the process group
+# destroyed before the interpreter exits (left to its teardown, its threads can abort a rank).
 WORKER = """
 import os, signal
 import torch.distributed as dist
@@ -24,7 +26,9 @@ for step in range(1, 9):
         os.kill(os.getpid(), signal.SIGUSR1)
     if watcher.stop_requested():
         break
+watcher.close()
 print(step, watcher.stop_signal, watcher.after_final_checkpoint())
+dist.destroy_process_group()
 """
 
 
