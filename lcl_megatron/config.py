@@ -479,14 +479,19 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.init in ("reference", "openclip_text"), "model.init", f"must be 'reference' or 'openclip_text', got {m.init!r}")
 
 
+def data_entries(cfg: Config) -> list[tuple[str, str]]:
+    """(config key, entry) of every dataset the config names: training, held-out and evaluation sets."""
+    entries = [(f"data.path[{i}]" if len(cfg.data.path) > 1 else "data.path", e) for i, e in enumerate(cfg.data.path)]
+    if cfg.data.heldout:
+        entries.append(("data.heldout", cfg.data.heldout))
+    for kind in ("zeroshot", "retrieval"):
+        entries += [(f"eval.{kind}[{i}]", e) for i, e in enumerate(getattr(cfg.eval, kind))]
+    return entries
+
+
 def _check_data_path(entry: str, key: str) -> None:
     if entry.startswith("embedded:"):
-        from lcl_megatron.data.embedded import EMBEDDED_CORPORA
-
-        name = entry.split(":", 1)[1]
-        _require(name in EMBEDDED_CORPORA, key, f"names an unknown embedded corpus {name!r} "
-                 f"(known: {', '.join(sorted(EMBEDDED_CORPORA))})")
-        return
+        return  # the data package knows the corpora: `lcl train` checks the name before building anything
     try:
         location, _ = parse_data_entry(entry)
     except ValueError as e:
@@ -588,13 +593,8 @@ def validate_config(cfg: Config, check_data: bool = True) -> None:
     _require(len(cfg.data.path) > 0, "data.path", "must name at least one dataset")
     if not check_data:
         return
-    for i, entry in enumerate(cfg.data.path):
-        _check_data_path(entry, f"data.path[{i}]" if len(cfg.data.path) > 1 else "data.path")
-    if cfg.data.heldout:
-        _check_data_path(cfg.data.heldout, "data.heldout")
-    for kind in ("zeroshot", "retrieval"):
-        for i, entry in enumerate(getattr(cfg.eval, kind)):
-            _check_data_path(entry, f"eval.{kind}[{i}]")
+    for key, entry in data_entries(cfg):
+        _check_data_path(entry, key)
 
 
 def steps_for(train: TrainConfig, dp_size: int) -> int:

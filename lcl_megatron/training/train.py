@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 
-from lcl_megatron.config import Config, ConfigError, load_config, steps_for, world_size_from_env
+from lcl_megatron.config import Config, ConfigError, data_entries, load_config, steps_for, world_size_from_env
 from lcl_megatron.config_docs import default_model_warning, given_keys
 from lcl_megatron.data.global_batch import build_loader
 from lcl_megatron.layout import Layout
@@ -93,8 +93,16 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def check_data(cfg: Config) -> None:
-    """Every training dataset yields at least one usable sample (read before the model is built)."""
+    """Every embedded corpus named exists and every training dataset yields at least one usable
+    sample (read before the model is built)."""
+    from lcl_megatron.data.embedded import EMBEDDED_CORPORA
     from lcl_megatron.data.loader import check_readable, settings_for
+
+    for key, entry in data_entries(cfg):
+        name = entry.split(":", 1)[1] if entry.startswith("embedded:") else None
+        if name is not None and name not in EMBEDDED_CORPORA:
+            raise ConfigError(f"config key '{key}' names an unknown embedded corpus {name!r} "
+                              f"(known: {', '.join(sorted(EMBEDDED_CORPORA))})")
 
     settings = settings_for(cfg.data, image_size=cfg.model.vision.image_size,
                             num_image_tokens=cfg.model.vision.num_patches, context_length=cfg.model.text.context_length)
