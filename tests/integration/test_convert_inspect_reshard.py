@@ -101,7 +101,7 @@ def test_broken_checkpoints_exit_2(capsys, runs, tmp_path, command):
 
     mismatched = _broken(tmp_path, runs[0], "mismatched")
     config = (mismatched / "config.yaml").read_text()
-    (mismatched / "config.yaml").write_text(config.replace("width: 48", "width: 64", 1))
+    (mismatched / "config.yaml").write_text(config.replace("width: 32", "width: 64", 1))
     write_manifest(mismatched, {k: v for k, v in read_manifest(mismatched).items() if k != "files"})
     assert "does not match the model" in check(mismatched)
 
