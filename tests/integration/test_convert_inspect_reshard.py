@@ -177,8 +177,8 @@ def test_reshard_to_consolidated_gives_the_same_state_from_every_zero_stage(caps
 
 
 def test_reshard_refuses_layouts_the_model_or_batch_cannot_take(capsys, runs, tmp_path):
-    refusals = {"tp=0": "expected", "fast": "expected", "tp=2": "parallel.tp",  # 3 ViT heads
-                "pp=2": "parallel.pp",  # 1 LM layer
+    refusals = {"tp=0": "expected", "fast": "expected", "tp=3": "parallel.tp",  # 4 ViT heads
+                "pp=3": "parallel.pp",  # 2 LM layers
                 "dp=3": "global batch"}  # 2 samples
     for layout, reason in refusals.items():
         err = _exit_2(capsys, "convert", "reshard", "--checkpoint", runs[0], "--layout", layout,
