@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from lcl_megatron.checkpoint.consolidated import CheckpointMismatch
+from lcl_megatron.checkpoint.consolidated import CheckpointMismatch, check_tensors
 from lcl_megatron.checkpoint.deepspeed_files import STATES, read_training_state
 from lcl_megatron.checkpoint.format import (MODEL_FILE, OPTIMIZER_STATE, OPTIMIZER_TENSORS, load_model_file,
                                             read_manifest, save_model_file)
@@ -189,6 +189,19 @@ def _load_schedule_and_counters(engine, meta: dict) -> None:
     engine.global_steps = int(meta.get("global_steps") or 0)
     engine.global_samples = int(meta.get("global_samples") or 0)
     engine.skipped_steps = int(meta.get("skipped_steps") or 0)
+
+
+def check_canonical_state(directory: Path, cfg: Config, what: str) -> None:
+    """Every parameter's master and moments in `directory`'s optimizer.safetensors, under its
+    single-process name and shape (read from the file's header alone); CheckpointMismatch otherwise."""
+    from safetensors import safe_open
+
+    from lcl_megatron.model.build import expected_tensor_shapes
+
+    with safe_open(str(Path(directory) / OPTIMIZER_TENSORS), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    expected = expected_tensor_shapes(cfg.model)
+    check_tensors({f"{key}/{n}": s for key in STATES for n, s in expected.items()}, shapes, what=what)
 
 
 def write_canonical_state(ckpt: Path, out: Path, cfg: Config, world_size: int) -> None:

@@ -30,11 +30,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from lcl_megatron.checkpoint.consolidated import check_tensors, read_checkpoint, write_config
-from lcl_megatron.checkpoint.deepspeed_files import STATES, UnreadableCheckpoint
+from lcl_megatron.checkpoint.consolidated import read_checkpoint, write_config
+from lcl_megatron.checkpoint.deepspeed_files import UnreadableCheckpoint
 from lcl_megatron.checkpoint.format import (LOADER_STATES, MODEL_FILE, OPTIMIZER_STATE, OPTIMIZER_TENSORS, engine_files,
                                             loader_file, open_checkpoint, write_manifest)
-from lcl_megatron.checkpoint.training_state import write_canonical_state
+from lcl_megatron.checkpoint.training_state import check_canonical_state, write_canonical_state
 from lcl_megatron.config import Config, ConfigError, ParallelConfig, validate_config
 from lcl_megatron.convert.output import add_output_flags, atomic_directory, write_guarded
 from lcl_megatron.layout import Layout
@@ -104,8 +104,6 @@ def _write_loader_states(ckpt: Path, out: Path, cfg: Config, source_dp: int, tar
 
 
 def reshard(src: Path, out: Path, layout: dict, weights_only: bool = False) -> Path:
-    from lcl_megatron.model.build import expected_tensor_shapes
-
     ckpt, manifest = open_checkpoint(src)  # every listed file present, full size, SHA-256
     cfg, _ = read_checkpoint(ckpt)  # the config against the consolidated tensors
     world = int(manifest.get("world_size", 1))
@@ -121,13 +119,7 @@ def reshard(src: Path, out: Path, layout: dict, weights_only: bool = False) -> P
                     shutil.copyfile(ckpt / name, tmp / name)
             else:
                 write_canonical_state(ckpt, tmp, cfg, world)
-            from safetensors import safe_open
-
-            with safe_open(str(tmp / OPTIMIZER_TENSORS), framework="pt") as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            expected = expected_tensor_shapes(cfg.model)
-            check_tensors({f"{key}/{n}": s for key in STATES for n, s in expected.items()}, shapes,
-                          what=f"optimizer state of '{ckpt}'")
+            check_canonical_state(tmp, cfg, what=f"optimizer state of '{ckpt}'")
         shutil.copyfile(ckpt / MODEL_FILE, tmp / MODEL_FILE)
         write_config(tmp, target)
         _write_loader_states(ckpt, tmp, cfg, source_dp, layout["dp"])
