@@ -13,12 +13,14 @@ import shlex
 from dataclasses import dataclass, field
 from importlib import resources
 
+from lcl_megatron.errors import UserError
+
 TEMPLATE = "lcl_slurm.sbatch"
 BODY_MARKER = "# ---- end of settings "
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class ScriptError(ValueError):
+class ScriptError(UserError, ValueError):
     """A value that cannot be written into the script safely: one line, exit code 2."""
 
 

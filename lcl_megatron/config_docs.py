@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from lcl_megatron import config as config_module
-from lcl_megatron.config import Config, ConfigError, load_config, parse_overrides, validate_config
+from lcl_megatron.config import Config, load_config, parse_overrides, validate_config
 
 TYPE_NAMES = {int: "int", float: "float", str: "str", bool: "bool", list: "list of str"}
 
@@ -190,13 +190,9 @@ def show_main(argv: list[str]) -> int:
     p.add_argument("--config", help="YAML config (omit for all defaults)")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides, validate=False)
-        validate_config(cfg, check_data=False)
-        given = given_keys(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"lcl config show: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides, validate=False)
+    validate_config(cfg, check_data=False)
+    given = given_keys(args.config, args.overrides)
     warning = default_model_warning(given)
     if warning:
         print(f"lcl config show: {warning}", file=sys.stderr)

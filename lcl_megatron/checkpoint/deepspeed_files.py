@@ -28,12 +28,13 @@ import torch
 
 from lcl_megatron.checkpoint.format import safe_torch_load
 from lcl_megatron.config import Config
+from lcl_megatron.errors import UserError
 from lcl_megatron.model.state import no_weight_decay
 
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 
 
-class UnreadableCheckpoint(ValueError):
+class UnreadableCheckpoint(UserError, ValueError):
     """DeepSpeed files missing or of a kind this reader does not know: one line, exit code 2."""
 
 

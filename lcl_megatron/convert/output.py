@@ -23,12 +23,13 @@ from pathlib import Path
 from lcl_megatron.checkpoint.consolidated import CheckpointMismatch
 from lcl_megatron.checkpoint.format import sha256_file
 from lcl_megatron.config import ConfigError
+from lcl_megatron.errors import UserError
 from lcl_megatron.utils import atomic_write_text, follow_umask
 
 MARKER = ".lcl-convert.json"
 
 
-class OutputRefused(ValueError):
+class OutputRefused(UserError, ValueError):
     """An output path the command will not write to: one line, exit code 2."""
 
 

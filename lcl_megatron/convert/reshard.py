@@ -37,12 +37,13 @@ from lcl_megatron.checkpoint.format import (LOADER_STATES, MODEL_FILE, OPTIMIZER
 from lcl_megatron.checkpoint.training_state import check_canonical_state, write_canonical_state
 from lcl_megatron.config import Config, ConfigError, ParallelConfig, validate_config
 from lcl_megatron.convert.output import add_output_flags, atomic_directory, write_guarded
+from lcl_megatron.errors import UserError
 from lcl_megatron.layout import Layout
 
 RESHARD = "lcl convert reshard"
 
 
-class ReshardError(ValueError):
+class ReshardError(UserError, ValueError):
     """A layout or checkpoint this command cannot convert: one line, exit code 2."""
 
 

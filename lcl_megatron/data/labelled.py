@@ -16,12 +16,13 @@ import torch
 from lcl_megatron.data.embedded import DIGIT_NAMES, HELDOUT_SHARD, PROBE_TRAIN_SHARD, ensure_corpus
 from lcl_megatron.data.images import BadImage, load_image
 from lcl_megatron.data.shards import read_shard
+from lcl_megatron.errors import UserError
 
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-class LabelledSetError(ValueError):
+class LabelledSetError(UserError, ValueError):
     """The set does not exist or does not have the expected layout."""
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 import textwrap
 from pathlib import Path
 
@@ -106,23 +105,19 @@ def main(argv=None) -> int:
     p.add_argument("--dp-rank", type=int, default=0, help="the replica whose batch to write (default 0)")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.step < 1:
-            raise ConfigError(f"--step must be at least 1, got {args.step}")
-        if not 0 <= args.dp_rank < args.dp_size:
-            raise ConfigError(f"--dp-rank must be in [0, --dp-size={args.dp_size}), got {args.dp_rank}")
-        if cfg.data.packing:
-            raise ConfigError("data.packing: packed batches carry document boundaries that lcl eval loss does not read; "
-                              "sample with data.packing=false")
-        for path in filter(None, (args.out, args.png)):
-            if Path(path).exists():
-                raise ConfigError(f"'{path}' exists; refusing to overwrite it")
-            if not Path(path).resolve().parent.is_dir():
-                raise ConfigError(f"the directory of '{path}' does not exist")
-    except ConfigError as e:
-        print(f"lcl data sample: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    if args.step < 1:
+        raise ConfigError(f"--step must be at least 1, got {args.step}")
+    if not 0 <= args.dp_rank < args.dp_size:
+        raise ConfigError(f"--dp-rank must be in [0, --dp-size={args.dp_size}), got {args.dp_rank}")
+    if cfg.data.packing:
+        raise ConfigError("data.packing: packed batches carry document boundaries that lcl eval loss does not read; "
+                          "sample with data.packing=false")
+    for path in filter(None, (args.out, args.png)):
+        if Path(path).exists():
+            raise ConfigError(f"'{path}' exists; refusing to overwrite it")
+        if not Path(path).resolve().parent.is_dir():
+            raise ConfigError(f"the directory of '{path}' does not exist")
     batch = step_batch(cfg, args.step, args.dp_rank, args.dp_size)
     buffer = io.BytesIO()
     torch.save(batch, buffer)

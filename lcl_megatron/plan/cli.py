@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 from lcl_megatron.config import Config, ConfigError, load_config, validate_config
 from lcl_megatron.layout import Layout
@@ -36,12 +35,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides, validate=False)
-        layout = checked_layout(cfg, args.nodes, args.gpus_per_node)  # user errors fail before the model is built
-        plan = make_plan(cfg, layout.nodes, args.gpus_per_node)
-    except ConfigError as e:
-        print(f"lcl plan: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides, validate=False)
+    layout = checked_layout(cfg, args.nodes, args.gpus_per_node)  # user errors fail before the model is built
+    plan = make_plan(cfg, layout.nodes, args.gpus_per_node)
     print(format_plan(plan, cfg, args.config))
     return 0

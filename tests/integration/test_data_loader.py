@@ -12,7 +12,7 @@ from lcl_megatron.config import DataConfig
 from lcl_megatron.data.loader import build_train_loader
 from lcl_megatron.data.stream import SampleStream, resolve_shards
 from lcl_megatron.data.shards import read_shard, write_shard
-from lcl_megatron.tokens import EOI_ID, EOT_ID, IMG_ID, PAD_ID, SOI_ID, SOT_ID
+from lcl_megatron.tokens import EOI_ID, IMG_ID, PAD_ID, SOI_ID, SOT_ID
 from tests.support.paths import MMC4_DIR
 
 P = 16

@@ -16,7 +16,7 @@ from PIL import Image as PILImage
 
 from lcl_megatron.config import DataConfig
 from lcl_megatron.data.loader import build_train_loader
-from lcl_megatron.data.prepare.commands import mmc4_main
+from lcl_megatron.cli import main as lcl
 from lcl_megatron.data.shards import read_shard
 from lcl_megatron.tokens import SOI_ID
 from tests.support.launch import read_metrics, run_lcl
@@ -175,7 +175,7 @@ def test_items_form_applies_the_reference_rules_once(source, tmp_path):
 
 
 def test_bad_arguments_exit_2(tmp_path, capsys):
-    assert mmc4_main(["--docs", str(tmp_path / "*.jsonl"), "--images", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert lcl(["prepare", "mmc4", "--docs", str(tmp_path / "*.jsonl"), "--images", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no MMC4 docs files" in capsys.readouterr().err
 
 

@@ -10,7 +10,8 @@ import math
 import pytest
 
 from lcl_megatron.layout import lm_layers_per_stage
-from lcl_megatron.plan import cli, costs, report
+from lcl_megatron.cli import main as lcl
+from lcl_megatron.plan import costs, report
 from lcl_megatron.config import load_config
 from tests.support.launch import REPO
 
@@ -25,7 +26,7 @@ def tiny(overrides=(), variant="clip"):
 
 def hand_count(cfg, tp: int) -> int:
     """Parameters one TP rank of a pp=1 model holds, written out layer by layer from the architecture."""
-    m, v, t = cfg.model, cfg.model.vision, cfg.model.text
+    v, t = cfg.model.vision, cfg.model.text
     W, D, P, V = v.width, t.width, v.num_patches, t.vocab_size
     vit_ffn = int(W * v.mlp_ratio)
     whole = W * 3 * v.patch_size ** 2 + W + (P + 1) * W + 2 * 2 * W  # conv1, class, positions, ln_pre, ln_post
@@ -163,14 +164,14 @@ INVALID = [
 
 @pytest.mark.parametrize("overrides,nodes,gpus,message", INVALID)
 def test_impossible_layouts_exit_2_with_one_line(capsys, overrides, nodes, gpus, message):
-    rc = cli.main(["--config", DEMO, "--nodes", str(nodes), "--gpus-per-node", str(gpus)] + overrides)
+    rc = lcl(["plan", "--config", DEMO, "--nodes", str(nodes), "--gpus-per-node", str(gpus)] + overrides)
     out, err = capsys.readouterr()
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("lcl plan: ") and message in err
 
 
 def test_a_layout_the_gpus_cannot_hold_names_the_fix(capsys):
-    assert cli.main(["--config", DEMO, "--nodes", "1", "--gpus-per-node", "6", "parallel.tp=4"]) == 2
+    assert lcl(["plan", "--config", DEMO, "--nodes", "1", "--gpus-per-node", "6", "parallel.tp=4"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.splitlines() == ["lcl plan: 6 GPUs (1 node x 6) cannot be filled by tp x pp = 4 x 1; "
                                               "use a multiple of 4 GPUs or change parallel.tp/pp"]
@@ -181,7 +182,7 @@ def test_a_layout_the_gpus_cannot_hold_names_the_fix(capsys):
 def test_large_configs_print_a_table(capsys, name, nodes, vit_params):
     path = str(REPO / "configs" / f"{name}.yaml")
     load_config(path, ["data.path=embedded:digits"])  # everything but the cluster's data path validates
-    assert cli.main(["--config", path, "--nodes", str(nodes)]) == 0
+    assert lcl(["plan", "--config", path, "--nodes", str(nodes)]) == 0
     out = capsys.readouterr().out
     assert f"{nodes * 8} GPUs = {nodes} nodes x 8" in out
     assert "memory per GPU" in out and "compute and communication per GPU per step" in out

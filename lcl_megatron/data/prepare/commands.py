@@ -10,15 +10,15 @@ import argparse
 import functools
 import glob
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 
 from lcl_megatron.data.prepare.conversion import REPORT_FILE, run_conversion, shard_name, summary_lines, write_json
 from lcl_megatron.data.images import MAX_IMAGE_PIXELS
+from lcl_megatron.errors import UserError
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     """A bad argument: one line, exit code 2."""
 
 
@@ -85,18 +85,14 @@ def mmc4_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0, help="items form: seed of the random choices")
     _common_flags(parser)
     args = parser.parse_args(argv)
-    try:
-        _check(args)
-        if not os.path.isdir(args.images):
-            raise UsageError(f"--images '{args.images}' is not a directory")
-        if args.max_images < 1:
-            raise UsageError("--max-images must be at least 1")
-        if not 0 <= args.img_first_prob <= 1:
-            raise UsageError("--img-first-prob must be in [0, 1]")
-        paths, names = _inputs(args.docs, convert_mmc4.INPUT_SUFFIXES, "MMC4 docs")
-    except UsageError as e:
-        print(f"lcl prepare mmc4: {e}", file=sys.stderr)
-        return 2
+    _check(args)
+    if not os.path.isdir(args.images):
+        raise UsageError(f"--images '{args.images}' is not a directory")
+    if args.max_images < 1:
+        raise UsageError("--max-images must be at least 1")
+    if not 0 <= args.img_first_prob <= 1:
+        raise UsageError("--img-first-prob must be in [0, 1]")
+    paths, names = _inputs(args.docs, convert_mmc4.INPUT_SUFFIXES, "MMC4 docs")
     opts = convert_mmc4.Mmc4Options(
         images=args.images, form=args.form, min_similarity=args.min_similarity,
         one_image_per_sentence=not args.all_images_per_sentence, max_images=args.max_images,
@@ -120,18 +116,14 @@ def obelics_main(argv: list[str]) -> int:
                         help="hash naming the files of an image directory")
     _common_flags(parser)
     args = parser.parse_args(argv)
+    _check(args)
+    if not os.path.isdir(args.images) and not glob.glob(args.images):
+        raise UsageError(f"--images '{args.images}' is neither a directory nor a glob of tars")
+    paths, names = _inputs(args.parquet, convert_obelics.INPUT_SUFFIXES, "OBELICS parquet")
     try:
-        _check(args)
-        if not os.path.isdir(args.images) and not glob.glob(args.images):
-            raise UsageError(f"--images '{args.images}' is neither a directory nor a glob of tars")
-        paths, names = _inputs(args.parquet, convert_obelics.INPUT_SUFFIXES, "OBELICS parquet")
         import pyarrow  # noqa: F401  (a clear message beats a failure in every worker)
-    except UsageError as e:
-        print(f"lcl prepare obelics: {e}", file=sys.stderr)
-        return 2
     except ImportError:
-        print("lcl prepare obelics: needs pyarrow (pip install pyarrow)", file=sys.stderr)
-        return 2
+        raise UsageError("needs pyarrow (pip install pyarrow)") from None
     store_counts: Counter = Counter()
     convert_obelics.clear_stores()  # a store's files may have changed since
     convert_obelics.open_store(args.images, args.url_hash, store_counts)  # indexed once, inherited by workers
