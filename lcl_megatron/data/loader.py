@@ -36,7 +36,7 @@ MAX_SKIPPED_IN_A_ROW = 10_000
 
 class SourcedRow(tuple):
     """A row (ids, images) as sample_to_row makes it that also knows its sample: `source` is
-    (dataset, epoch, shard, offset), from which the row is made again on resume."""
+    (dataset, epoch, shard index in the dataset, offset), from which the row is made again on resume."""
 
     source: tuple
 
@@ -72,6 +72,7 @@ class BatchStream(torch.utils.data.IterableDataset):
         self.datasets, self.settings, self.micro_batch_size = datasets, settings, micro_batch_size
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, max(1, num_workers)
         self.seed, self.shuffle_buffer, self.tokenizer = seed, shuffle_buffer, tokenizer
+        self.shard_index = [{shard: i for i, shard in enumerate(shards)} for shards, _ in datasets]
         self.positions: list[dict | None] = [None] * self.num_workers
         self.first_role = 0
 
@@ -84,7 +85,7 @@ class BatchStream(torch.utils.data.IterableDataset):
     def _row(self, source: tuple, sample: dict, tokenizer, stats: Counter) -> SourcedRow:
         """The row of a sample; its random choices depend on the sample's name only."""
         dataset, epoch, shard, _ = source
-        name = (dataset, epoch, os.path.basename(shard), sample["__key__"])
+        name = (dataset, epoch, os.path.basename(self.datasets[dataset][0][shard]), sample["__key__"])
         rng = random.Random(derive_seed(self.seed, "sample", *name))
         crop_rng = random.Random(derive_seed(self.seed, "crop", *name))
         row = SourcedRow(sample_to_row(sample, rng, tokenizer, self.settings, stats, crop_rng))
@@ -92,8 +93,8 @@ class BatchStream(torch.utils.data.IterableDataset):
         return row
 
     def _rows_again(self, sources: list[list], tokenizer) -> list[SourcedRow]:
-        """The rows of samples at `sources` (dataset, epoch, shard, offset), made again."""
-        samples = read_sources([(shard, offset) for _, _, shard, offset in sources])
+        """The rows of samples at `sources` (SourcedRow.source), made again."""
+        samples = read_sources([(self.datasets[dataset][0][shard], offset) for dataset, _, shard, offset in sources])
         return [self._row(tuple(source), sample, tokenizer, Counter()) for source, sample in zip(sources, samples)]
 
     def __iter__(self):
@@ -132,7 +133,7 @@ class BatchStream(torch.utils.data.IterableDataset):
                                                      packer.rows if packer is not None else None)
             dataset, epoch, shard, offset, sample = samples.next(stats)
             try:
-                row = self._row((dataset, epoch, shard, offset), sample, tokenizer, stats)
+                row = self._row((dataset, epoch, self.shard_index[dataset][shard], offset), sample, tokenizer, stats)
                 rows.extend(packer.add(row) if packer is not None else [row])
                 stats["samples"] += 1
                 skipped_in_a_row = 0
