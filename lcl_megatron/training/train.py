@@ -126,7 +126,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
 
     from lcl_megatron.parallel import init_distributed, is_main_process
     from lcl_megatron.training import checkpoint as ckpt
-    from lcl_megatron.training.engine import build_engine, is_pipeline
+    from lcl_megatron.training.engine import build_engine, is_pipeline, restore_fp32_parameters
     from lcl_megatron.training.initial_model import build_initial_model
     from lcl_megatron.training.batches import TimedBatches, reads_data
     from lcl_megatron.training.metrics import MetricsLogger
@@ -170,6 +170,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     step = 0
     if newest is not None:
         step, loader_state = ckpt.load_checkpoint(engine, newest, dp_rank)
+        restore_fp32_parameters(engine)  # loading points them at DeepSpeed's bf16 buffers again
         if loader_state:
             loader.load_state_dict(loader_state)
         elif reader:
