@@ -30,7 +30,7 @@ from lcl_megatron.model.sequence_parallel import SequenceParallelColumnLinear, S
 class LocalBackend:
     """megatron-core's `BackendSpecProvider` for modules that run on CPU and GPU alike."""
 
-    name = "megatron-core layers with torch norms"
+    name = "megatron-core with torch norms"
 
     def __init__(self, sequence_parallel: bool = False):
         # Sequence parallelism is a property of the tower (the ViT's sequence may not divide over TP),
@@ -64,7 +64,7 @@ class LocalBackend:
 class ApexBackend(LocalBackend):
     """apex's fused LayerNorm kernel (megatron-core's FusedLayerNorm); RMSNorm stays torch's."""
 
-    name = "megatron-core layers with apex fused LayerNorm"
+    name = "megatron-core with apex fused LayerNorm"
 
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False):
         if rms_norm:
@@ -77,7 +77,7 @@ class ApexBackend(LocalBackend):
 class TransformerEngineBackend(LocalBackend):
     """Transformer Engine's norms and tensor-parallel linears (our sequence-parallel linears under parallel.sp)."""
 
-    name = "Transformer Engine layers"
+    name = "Transformer Engine norms and linears"
 
     def column_parallel_linear(self) -> type:
         if self.sequence_parallel:

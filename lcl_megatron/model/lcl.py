@@ -18,6 +18,7 @@ from lcl_megatron.model.language_model import LanguageModel
 from lcl_megatron.model.backends import LocalBackend, backend_for_this_machine
 from lcl_megatron.model.dims import exp_logit_scale
 from lcl_megatron.model.layers import transformer_config
+from lcl_megatron.model.names import FP32_PARAMETERS
 from lcl_megatron.model.pool_project import AttentivePoolProject
 from lcl_megatron.model.sequence_parallel import install_grad_hooks
 from lcl_megatron.model.sharding import mark_glu
@@ -82,11 +83,14 @@ class LCLModel(nn.Module):
         self.pool_project = AttentivePoolProject(v.width, cfg.embed_dim, cfg.pool_heads)
         self.text = LanguageModel(t, lm_config, backend(sequence_parallel=sp), loss.impl, checkpoint_layers=checkpoint_lm)
         # Shape [1], not the reference's []: DeepSpeed cannot broadcast 0-dim parameters.
-        self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
+        self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))  # see FP32_PARAMETERS
         self.loss_weights = {"generation_weight": loss.generation_weight, "contrastive_weight": loss.contrastive_weight,
                              "regression_weight": loss.regression_weight}
         self.loss_impl = loss.impl
+        fp32 = {name: getattr(self, name).data for name in FP32_PARAMETERS}
         self.to(dtype)
+        for name, data in fp32.items():
+            getattr(self, name).data = data
         mark_glu(self)
         install_grad_hooks(self)
 

@@ -39,8 +39,8 @@ def deepspeed_config(cfg: Config, dp_size: int, on_gpu: bool = False) -> dict:
     if bf16:
         # bf16 compute, fp32 everything that accumulates: gradients summed over micro-batches and
         # reduced over data-parallel ranks in fp32 (DeepSpeed's default is the model's dtype).
-        # DeepSpeed casts every parameter to bf16, the temperature included (its fp32 master copy
-        # lives in the optimizer); rotary angles are computed in fp32 and never cast.
+        # DeepSpeed casts every parameter to bf16; the model's fp32 ones (the temperature) are pointed
+        # back at their fp32 masters by training/engine.py. Rotary angles are computed in fp32, never cast.
         config["data_types"] = {"grad_accum_dtype": "fp32"}
         config["communication_data_type"] = "fp32"
     return config

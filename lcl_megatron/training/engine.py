@@ -16,8 +16,9 @@ from collections import OrderedDict
 import torch
 
 from lcl_megatron.config import Config
-from lcl_megatron.model.dims import logit_scale_range
 from lcl_megatron.layout import max_images_per_microbatch
+from lcl_megatron.model.dims import logit_scale_range
+from lcl_megatron.model.names import FP32_PARAMETERS
 from lcl_megatron.model.pipeline import METRICS
 
 # DeepSpeed internals this module relies on, as (module, class, name, parameters): a method with
@@ -32,6 +33,9 @@ PRIVATE_API = [
     ("deepspeed.runtime.pipe.module", "PipelineModule", "_set_bounds", ("self", "start", "stop")),
     ("deepspeed.runtime.pipe.module", "PipelineModule", "_topo", None),
     ("deepspeed.utils.tensor_fragment", "tensor_fragment", "hp_fragment", None),
+    # ZeRO-1/2 and the bf16 optimizer point each weight at a slice of their flat bf16 buffer
+    ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "_hp_mapping", None),
+    ("deepspeed.runtime.bf16_optimizer", None, "_hp_mapping", None),
     ("deepspeed.runtime.zero.partition_parameters", None, "ds_tensor", None),  # ZeRO-3's partition of a parameter
 ]
 # Callers of `_take_model_step` whose every update must pass through the hook.
@@ -54,6 +58,7 @@ def build_engine(cfg: Config, model):
         module = pipeline_stages(cfg, model, dp_size)
         count_replicated_once_per_stage(module)
     optimizer = build_optimizer(module, cfg)
+    exact = {id(p): p.detach().clone() for p in _fp32_parameters(module)}  # before DeepSpeed's bf16 cast
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, cfg),
         mpu=None if cfg.parallel.pp > 1 else MegatronMPU,
@@ -62,8 +67,43 @@ def build_engine(cfg: Config, model):
     engine.checkpoint_engine = SafeCheckpointEngine()
     verify_groups_match(engine)
     before = measure_grad_norm if not (engine.zero_optimization() or engine.bfloat16_enabled()) else None
-    around_each_update(engine, before=before, after=logit_scale_clamp(engine, logit_scale_range(cfg.model)))
+    clamp = logit_scale_clamp(engine, logit_scale_range(cfg.model))
+    fp32 = cast_fp32_parameters(engine)
+    for p in fp32:  # the master DeepSpeed made from its bf16 copy, made exact again
+        deepspeed.utils.safe_set_full_fp32_param(p, exact[id(p)])
+    restore_fp32_parameters(engine)
+
+    def after(engine):
+        if clamp is not None:
+            clamp(engine)
+        restore_fp32_parameters(engine)
+
+    around_each_update(engine, before=before, after=after if clamp or fp32 else None)
     return engine
+
+
+def _fp32_parameters(module) -> list:
+    return [p for name, p in module.named_parameters() if name.rsplit(".", 1)[-1] in FP32_PARAMETERS]
+
+
+def cast_fp32_parameters(engine) -> list:
+    """The model's FP32_PARAMETERS that DeepSpeed's bf16 cast made bf16 views of its ZeRO-1/2 flat
+    buffers (each optimizer step points them there again). ZeRO-3 partitions its parameters and
+    keeps them in bf16."""
+    if not engine.bfloat16_enabled():
+        return []
+    return [p for p in _fp32_parameters(engine.module)
+            if hasattr(p, "_hp_mapping") and not hasattr(p, "ds_id")]  # on every DP rank, owner of the master or not
+
+
+def restore_fp32_parameters(engine) -> None:
+    """Collective over data-parallel ranks: the weights the model computes with are, for its
+    FP32_PARAMETERS, DeepSpeed's fp32 masters themselves (the bf16 copy stays in the flat buffer,
+    unused). Needed after every update and after a checkpoint is loaded into the engine."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for p in cast_fp32_parameters(engine):
+        p.data = safe_get_full_fp32_param(p).reshape(p.shape)
 
 
 def pipeline_stages(cfg: Config, model, dp_size: int):

@@ -136,7 +136,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     from lcl_megatron.checkpoint.format import CHECKPOINTS_DIR, newest_checkpoint
     from lcl_megatron.checkpoint.manager import load_checkpoint, pick_resume_checkpoint, save_checkpoint
     from lcl_megatron.parallel import init_distributed, is_main_process
-    from lcl_megatron.training.engine import build_engine, is_pipeline
+    from lcl_megatron.training.engine import build_engine, is_pipeline, restore_fp32_parameters
     from lcl_megatron.training.initial_model import build_initial_model
     from lcl_megatron.training.batches import TimedBatches, reads_data
     from lcl_megatron.training.metrics import MetricsLogger
@@ -180,6 +180,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     step = 0
     if newest is not None:
         step, loader_state = load_checkpoint(engine, newest, dp_rank)
+        restore_fp32_parameters(engine)  # loading points them at DeepSpeed's bf16 buffers again
         if loader_state:
             loader.load_state_dict(loader_state)
         elif reader:

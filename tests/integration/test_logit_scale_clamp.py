@@ -1,8 +1,9 @@
 """The temperature parameter is clamped to [0, ln 100] after every optimizer step, under every layout.
 
 Runs start above the cap (model.init_logit_scale=5): the first step uses exp(5), as the
-reference would before its first clamp, and the saved parameter is then exactly ln 100 in
-fp32 (the masters DeepSpeed keeps are clamped too, else the next update would undo it).
+reference would before its first clamp, and the second exactly exp(ln 100) in fp32 (the
+masters DeepSpeed keeps are clamped too, else the next update would undo it). The parameter
+stays fp32 under bf16 training: a bf16 copy would round ln 100 (4.605) to 4.594, a scale of 98.9.
 """
 
 import math
@@ -27,10 +28,10 @@ def _train(tmp_path, nproc=1, *layout):
     return metrics, saved
 
 
-def _check(metrics, saved, rel=1e-5):
-    assert metrics[0]["logit_scale"] == pytest.approx(math.exp(5.0), rel=rel)  # used as initialised
-    assert metrics[1]["logit_scale"] == pytest.approx(100.0, rel=rel)  # clamped after step 1
-    assert saved.dtype == torch.float32 or saved.dtype == torch.bfloat16
+def _check(metrics, saved):
+    assert metrics[0]["logit_scale"] == pytest.approx(math.exp(5.0), rel=1e-6)  # used as initialised
+    assert metrics[1]["logit_scale"] == pytest.approx(100.0, rel=1e-6)  # clamped to ln 100 after step 1
+    assert saved.dtype == torch.float32
     assert float(saved) <= CAP + 1e-6 and float(saved) >= CAP - 0.05
 
 
@@ -50,6 +51,13 @@ def test_gradient_at_the_cap_is_not_zero():
 @pytest.mark.parametrize("nproc, layout", [(2, ["parallel.zero_stage=3"]), (2, ["parallel.zero_stage=1", "train.precision=bf16"]),
                                            (2, ["parallel.pp=2"])], ids=["zero3", "zero1_bf16", "pp2"])
 def test_clamped_under_parallel_layouts(tmp_path, nproc, layout):
-    metrics, saved = _train(tmp_path, nproc, *layout)
-    # a bf16 copy of the parameter rounds ln 100 (4.605) to 4.594: exp gives 98.9, not 100
-    _check(metrics, saved, rel=2e-2 if "train.precision=bf16" in layout else 1e-5)
+    _check(*_train(tmp_path, nproc, *layout))
+
+
+def test_built_in_fp32_whatever_the_precision():
+    from lcl_megatron.config import load_config
+    from lcl_megatron.model.build import build_model
+
+    model = build_model(load_config(None, TINY + ["train.precision=bf16", "model.init_logit_scale=4.6"]))
+    assert model.logit_scale.dtype == torch.float32 and model.logit_scale.item() == torch.tensor(4.6).item()
+    assert model.text.lm_head.output_layer.weight.dtype == torch.bfloat16
