@@ -80,10 +80,12 @@ def test_zeroshot_set_has_every_class_and_one_prompt_each(corpus, monkeypatch):
     assert prompts == class_prompts() and prompts[7] == "here is a handwritten seven:"
 
 
-def test_config_knows_the_embedded_corpus():
-    load_config(None, ["data.path=embedded:digits"])
-    with pytest.raises(ConfigError, match="data.path"):
-        load_config(None, ["data.path=embedded:letters"])
+def test_an_unknown_embedded_corpus_is_refused_before_training_builds_anything():
+    from lcl_megatron.training.train import check_data
+
+    check_data(load_config(None, ["data.path=embedded:digits"]))
+    with pytest.raises(ConfigError, match="data.heldout.*unknown embedded corpus 'letters'"):
+        check_data(load_config(None, ["data.path=embedded:digits", "data.heldout=embedded:letters"]))
 
 
 def failing_build(out):
