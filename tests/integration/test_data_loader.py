@@ -213,7 +213,7 @@ def test_seeking_to_a_saved_position_many_epochs_in_gives_the_uninterrupted_batc
     a loader built from the position after batch 40 (several epochs in) yields the uninterrupted
     run's next batches bit for bit."""
     for s in range(5):
-        write_shard(tmp_path / f"a{s}.tar", [(f"a{s}-{i}", {"txt": f"shard {s} pair {i}".encode(),
+        write_shard(tmp_path / f"a{s}.tar", [(f"a{s}-{i}", {"txt": f"shard {s} pair {i}{' of words' * i}".encode(),
                                                             "png": png((40 * s, 9 * i, 7))}) for i in range(7)])
     (tmp_path / "b").mkdir()
     write_shard(tmp_path / "b" / "only.tar", [(f"b{i}", {"json": doc_json("one", "i0.png", "two words"),
@@ -227,6 +227,7 @@ def test_seeking_to_a_saved_position_many_epochs_in_gives_the_uninterrupted_batc
     state = json.loads(json.dumps(straight.state_dict()))  # as a checkpoint holds it
     expected = [next(it) for _ in range(8)]
     assert state["batches_consumed"] == 40 and state["streams"][0]["samples"]["datasets"][0]["epoch"] >= 5
+    assert state["streams"][0]["packing"] and state["streams"][0]["samples"]["datasets"][0]["buffer"]
     resumed = loader(cfg, rank=1, size=2, batch=3, context=48)
     resumed.load_state_dict(state)
     got = take(resumed, 8)
