@@ -115,7 +115,7 @@ class LanguageModel(nn.Module):
         x = embeddings.transpose(0, 1)  # megatron layers take [s, b, h]
         kwargs = {"packed_seq_params": packed_seq_params} if packed_seq_params is not None else {}
         if self.rotary is not None and packed_seq_params is not None:
-            raise NotImplementedError("packed sequences with rotary positions (arch llama) are not supported yet")
+            raise NotImplementedError("packed sequences need learned positions (model.text.arch=clip); the layout check refuses packing with llama")
         if self.rotary is not None:
             kwargs["rotary_pos_emb"] = self.rotary(x.shape[0], x.device)
         if self.sequence_parallel:
