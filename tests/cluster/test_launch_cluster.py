@@ -15,15 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.configs import TINY_MODEL
 from tests.support.launch import REPO, read_metrics
 
-pytestmark = pytest.mark.slow
 
 STEPS, EVERY = 32, 8
-TINY = [
-    "model.embed_dim=32", "model.pool_heads=4", "model.vision.image_size=24", "model.vision.patch_size=8",
-    "model.vision.width=32", "model.vision.layers=2", "model.vision.head_width=8",
-    "model.text.context_length=64", "model.text.width=32", "model.text.heads=4", "model.text.layers=2",
+TINY = TINY_MODEL + [
     "train.micro_batch_size=4", "data.heldout=", "logging.every=1", "logging.progress=false",
     "logging.tensorboard=false", f"train.steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=2",
     "parallel.timeout_s=60",

@@ -22,7 +22,6 @@ from tests.support.configs import CHECKPOINTS
 from tests.support.cli import run_cli
 
 STEPS = 2
-pytestmark = pytest.mark.slow  # trains a short run first
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from lcl_megatron.data.embedded import DIGIT_NAMES, ensure_corpus
 from lcl_megatron.data.labelled import load_labelled_set
 from lcl_megatron.data.shards import read_shard
 
-pytestmark = pytest.mark.slow  # builds both corpora (their labelled sets in full)
 DOCUMENTS = 60  # the real corpora hold embedded.TRAIN_DOCUMENTS; the recipe is the same
 
 

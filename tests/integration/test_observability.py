@@ -2,12 +2,10 @@
 
 import json
 
-import pytest
 
 from tests.support.launch import run_lcl
 from tests.support.configs import with_base
 
-pytestmark = pytest.mark.slow
 
 
 def test_log_file_progress_profiler_and_wandb_across_a_resume(tmp_path):

@@ -58,8 +58,9 @@ def test_layout_matches_single_process(tmp_path, single, layout):
 
 
 def test_training_changes_parameters(single, tmp_path):
-    """The comparison above is meaningful: three steps move the weights away from their init."""
-    metrics, params = single
+    """The comparison above is meaningful: three steps lower the loss, so the layouts are compared on
+    real updates, not on weights that never moved."""
+    metrics, _ = single
     assert metrics[-1]["loss"] < metrics[0]["loss"]
 
 

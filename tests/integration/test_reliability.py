@@ -84,7 +84,6 @@ def run(tmp_path_factory):
 # ---------------------------------------------------------------- data loss
 
 
-@pytest.mark.slow  # trains (the shared run fixture)
 def test_training_into_a_run_that_holds_checkpoints_is_refused(run):
     before = snapshot(run)
     proc = run_lcl(train_args(run, "train.steps=3", "data.heldout="), check=False)
@@ -92,7 +91,6 @@ def test_training_into_a_run_that_holds_checkpoints_is_refused(run):
     assert snapshot(run) == before
 
 
-@pytest.mark.slow  # trains (the shared run fixture)
 @pytest.mark.parametrize("damage", ["model_flipped", "engine_truncated"])
 def test_eval_refuses_a_damaged_checkpoint(run, tmp_path, damage):
     ckpt = tmp_path / "ckpt"
@@ -109,7 +107,6 @@ def test_eval_refuses_a_damaged_checkpoint(run, tmp_path, damage):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.slow  # trains (the shared run fixture)
 def test_init_from_a_damaged_checkpoint_is_refused(run, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(run / "checkpoints" / STEP2, ckpt)
@@ -120,7 +117,6 @@ def test_init_from_a_damaged_checkpoint_is_refused(run, tmp_path):
     assert snapshot(ckpt) == before
 
 
-@pytest.mark.slow  # trains (the shared run fixture)
 def test_resume_sets_a_damaged_checkpoint_aside_and_continues_from_the_one_before(run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(run, run_dir)
@@ -149,7 +145,6 @@ def test_resume_without_a_complete_checkpoint_is_refused(tmp_path):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.slow  # trains (the shared run fixture)
 def test_eval_refuses_a_step_directory_whose_save_never_finished(run, tmp_path):
     ckpt = tmp_path / STEP2
     shutil.copytree(run / "checkpoints" / STEP2, ckpt)
@@ -201,7 +196,6 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path):
     assert "second Ctrl-C" in stderr and "checkpoint written" not in stderr
 
 
-@pytest.mark.slow  # trains (the shared run fixture)
 def test_files_follow_the_umask(run):
     umask = os.umask(0)
     os.umask(umask)
@@ -369,7 +363,6 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays
     verify_checkpoint(run_dir / "checkpoints" / STEP1)  # every file matches its manifest
 
 
-@pytest.mark.slow  # trains (the shared run fixture)
 def test_resume_with_another_model_config_is_refused_before_anything_is_written(run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(run, run_dir)
@@ -379,7 +372,6 @@ def test_resume_with_another_model_config_is_refused_before_anything_is_written(
     assert snapshot(run_dir) == before  # config.yaml included
 
 
-@pytest.mark.slow  # trains (the shared run fixture)
 def test_eval_loss_refuses_a_batch_that_is_not_weights_only(run, tmp_path):
     import argparse
 
@@ -391,7 +383,6 @@ def test_eval_loss_refuses_a_batch_that_is_not_weights_only(run, tmp_path):
     assert "weights_only=False" not in proc.stderr and line
 
 
-@pytest.mark.slow  # trains (the shared run fixture)
 def test_checkpoint_files_that_are_not_weights_only_are_refused(run, tmp_path):
     import datetime
 
