@@ -2,10 +2,8 @@
 
 import json
 
-
-from tests.support.launch import run_lcl
 from tests.support.configs import with_base
-
+from tests.support.launch import run_lcl
 
 
 def test_log_file_progress_profiler_and_wandb_across_a_resume(tmp_path):
