@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lcl_megatron.layout import lm_layers_per_stage
 from lcl_megatron.model import names
 from lcl_megatron.model.dims import exp_logit_scale
 from lcl_megatron.model.layers import run_layers
@@ -99,16 +100,14 @@ def pipeline_layers(model: LCLModel, max_images: int) -> list[nn.Module]:
 def stage_boundaries(num_lm_layers: int, num_stages: int, first_stage_lm_layers: int) -> list[int]:
     """DeepSpeed `parts`: layer index where each stage starts (+ the end).
 
-    Layer 0 is FirstStage, 1..n the LM layers, n+1 the LossStage. The first
-    stage holds the ViT, so it may take fewer LM layers (`first_stage_lm_layers`;
-    -1 divides them evenly); the rest are spread evenly over the other stages.
+    Layer 0 is FirstStage, 1..n the LM layers, n+1 the LossStage; the LM layers
+    are cut as `layout.lm_layers_per_stage` says (the first stage holds the ViT,
+    so it may take fewer).
     """
-    n = num_lm_layers
-    first = n // num_stages if first_stage_lm_layers < 0 else first_stage_lm_layers
-    rest, others = n - first, num_stages - 1
-    parts = [0, 1 + first]
-    for stage in range(others):
-        parts.append(parts[-1] + rest // others + (1 if stage < rest % others else 0))
+    parts, end = [0], 1  # FirstStage
+    for count in lm_layers_per_stage(num_lm_layers, num_stages, first_stage_lm_layers):
+        end += count
+        parts.append(end)
     parts[-1] += 1  # the loss stage goes with the last LM layers
     return parts
 

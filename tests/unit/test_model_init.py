@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from lcl_megatron.config import Config
-from lcl_megatron.model.state import model_tensors
 from lcl_megatron.convert.openclip import from_openclip_state_dict, model_config_from_openclip
 from lcl_megatron.model.build import build_model
-from tests.support.reference_lcl import SPECIAL_TOKEN_IDS, ReferenceLCL
+from lcl_megatron.model.state import model_tensors
 from lcl_megatron.tokens import VOCAB_SIZE
+from tests.support.reference_lcl import SPECIAL_TOKEN_IDS, ReferenceLCL
 
 # wide enough that a family's std is estimated to ~1% (the smallest family holds ~1,500 values)
 CONFIG = {
