@@ -19,6 +19,7 @@ from lcl_megatron.checkpoint.format import (CONFIG_FILE, MODEL_FILE, CheckpointE
                                             verify_checkpoint, write_manifest)
 from lcl_megatron.config import Config, ConfigError, config_from_dict
 from lcl_megatron.errors import UserError
+from lcl_megatron.model.names import FP32_MASTER_ATTRIBUTE
 from lcl_megatron.model.state import model_tensors
 
 
@@ -132,6 +133,9 @@ def write_model_file(engine, ckpt_dir: Path, vocab_size: int) -> None:
     rank = dist.get_rank()
     if engine.zero_optimization_partition_weights():
         tensors = model_tensors(engine._zero3_consolidated_16bit_state_dict() or {})
+        # the fp32 parameters' exact values, not the bf16 copies ZeRO-3 gathers (model/dims.py)
+        tensors.update({name: getattr(p, FP32_MASTER_ATTRIBUTE).detach().cpu()
+                        for name, p in engine.module.named_parameters() if hasattr(p, FP32_MASTER_ATTRIBUTE)})
         if rank == 0:
             save_model_file(tensors, ckpt_dir / MODEL_FILE)
         return

@@ -108,18 +108,23 @@ def _unpartitioned_masters(engine) -> dict:
     return {id(low): high for lows, highs in pairs for low, high in zip(lows, highs)}
 
 
+def zero3_partition_of(param, value: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 piece of a whole-parameter `value`: piece r of the flat value, padded to
+    equal pieces (DeepSpeed's full setter would read past the end of the last piece when the size
+    is not a multiple of the data-parallel size)."""
+    group = param.ds_process_group
+    piece = param.ds_tensor.numel()
+    flat = torch.nn.functional.pad(value.flatten(), (0, piece * dist.get_world_size(group) - value.numel()))
+    return flat.narrow(0, piece * dist.get_rank(group), piece).to(param.ds_tensor.device)
+
+
 def _set_full_local(engine, masters: dict, param, key: str, value: torch.Tensor, step: int) -> None:
     """Put this TP rank's whole shard `value` of the master (key 'fp32') or a moment into DeepSpeed's partitions."""
     from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
                                  safe_set_local_fp32_param, safe_set_local_optimizer_state)
 
     if hasattr(param, "ds_id"):
-        # ZeRO-3: piece r of the flat value, padded to equal pieces (DeepSpeed's full setter would
-        # read past the end of the last piece when the size is not a multiple of the DP size).
-        group = param.ds_process_group
-        piece = param.ds_tensor.numel()
-        flat = torch.nn.functional.pad(value.flatten(), (0, piece * dist.get_world_size(group) - value.numel()))
-        local = flat.narrow(0, piece * dist.get_rank(group), piece).to(param.ds_tensor.device)
+        local = zero3_partition_of(param, value)
         safe_set_local_fp32_param(param, local) if key == "fp32" else safe_set_local_optimizer_state(param, local, key)
     elif _partitioned(param):
         value = value.to(param.device)

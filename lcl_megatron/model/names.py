@@ -18,6 +18,9 @@ LM_LAYER_PREFIX = "text.layers"
 # Kept in fp32 whatever the training precision: the temperature's cap, ln 100, is 4.594 in bf16
 # (a scale of 98.9), and an update of lr x ~1 barely moves a bf16 value near 4.6.
 FP32_PARAMETERS = ("logit_scale",)
+# Where ZeRO-3 gathers these parameters in bf16, the training engine hangs their exact fp32 master on
+# the parameter under this attribute after every update; the model computes with it (model/dims.py).
+FP32_MASTER_ATTRIBUTE = "fp32_master"
 _LM_LAYER = re.compile(rf"^{re.escape(LM_LAYER_PREFIX)}\.(\d+)\.")
 
 

@@ -18,7 +18,7 @@ import torch
 from lcl_megatron.config import Config
 from lcl_megatron.layout import max_images_per_microbatch
 from lcl_megatron.model.dims import logit_scale_range
-from lcl_megatron.model.names import FP32_PARAMETERS
+from lcl_megatron.model.names import FP32_MASTER_ATTRIBUTE, FP32_PARAMETERS
 from lcl_megatron.model.pipeline import METRICS
 
 # DeepSpeed internals this module relies on, as (module, class, name, parameters): a method with
@@ -48,6 +48,7 @@ def build_engine(cfg: Config, model):
     from megatron.core import parallel_state
 
     from lcl_megatron.checkpoint.format import SafeCheckpointEngine
+    from lcl_megatron.checkpoint.training_state import zero3_partition_of
     from lcl_megatron.parallel import MegatronMPU, verify_groups_match
     from lcl_megatron.training.deepspeed_config import deepspeed_config
     from lcl_megatron.training.optim import build_optimizer, build_scheduler
@@ -70,7 +71,10 @@ def build_engine(cfg: Config, model):
     clamp = logit_scale_clamp(engine, logit_scale_range(cfg.model))
     fp32 = cast_fp32_parameters(engine)
     for p in fp32:  # the master DeepSpeed made from its bf16 copy, made exact again
-        deepspeed.utils.safe_set_full_fp32_param(p, exact[id(p)])
+        if hasattr(p, "ds_id"):
+            deepspeed.utils.safe_set_local_fp32_param(p, zero3_partition_of(p, exact[id(p)]))
+        else:
+            deepspeed.utils.safe_set_full_fp32_param(p, exact[id(p)])
     restore_fp32_parameters(engine)
 
     def after(engine):
@@ -87,23 +91,27 @@ def _fp32_parameters(module) -> list:
 
 
 def cast_fp32_parameters(engine) -> list:
-    """The model's FP32_PARAMETERS that DeepSpeed's bf16 cast made bf16 views of its ZeRO-1/2 flat
-    buffers (each optimizer step points them there again). ZeRO-3 partitions its parameters and
-    keeps them in bf16."""
+    """The model's FP32_PARAMETERS that DeepSpeed's bf16 cast made bf16: views of its ZeRO-1/2 flat
+    buffers (each optimizer step points them there again) or ZeRO-3 partitions."""
     if not engine.bfloat16_enabled():
         return []
     return [p for p in _fp32_parameters(engine.module)
-            if hasattr(p, "_hp_mapping") and not hasattr(p, "ds_id")]  # on every DP rank, owner of the master or not
+            if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id")]  # on every DP rank, owner of the master or not
 
 
 def restore_fp32_parameters(engine) -> None:
     """Collective over data-parallel ranks: the weights the model computes with are, for its
-    FP32_PARAMETERS, DeepSpeed's fp32 masters themselves (the bf16 copy stays in the flat buffer,
-    unused). Needed after every update and after a checkpoint is loaded into the engine."""
+    FP32_PARAMETERS, DeepSpeed's fp32 masters themselves. Under ZeRO-1/2 the parameter becomes its
+    master (the bf16 copy stays in the flat buffer, unused); ZeRO-3 gathers the parameter from bf16
+    partitions at each forward, so the master hangs on it for the model to compute with
+    (model/dims.py). Needed after every update and after a checkpoint is loaded into the engine."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     for p in cast_fp32_parameters(engine):
-        p.data = safe_get_full_fp32_param(p).reshape(p.shape)
+        if hasattr(p, "ds_id"):
+            setattr(p, FP32_MASTER_ATTRIBUTE, safe_get_full_fp32_param(p).reshape(p.ds_shape))
+        else:
+            p.data = safe_get_full_fp32_param(p).reshape(p.shape)
 
 
 def pipeline_stages(cfg: Config, model, dp_size: int):
