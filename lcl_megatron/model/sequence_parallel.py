@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-from kernels.collectives import all_gather_rows, gather_rows_with_grad, reduce_scatter_rows_with_grad
+from kernels.collectives import all_gather_into, all_gather_rows, reduce_scatter_into, reduce_scatter_rows_with_grad
 
 
 def _group():
@@ -41,7 +41,7 @@ class _ScatterToSequence(torch.autograd.Function):
 class _GatherForReplicated(torch.autograd.Function):
     """All-gather whose backward keeps this rank's slice: the gradients of a replicated
     computation are equal on every rank. (Into a tensor-parallel computation they are partial
-    sums: that gather, `gather_rows_with_grad`, reduce-scatters them.)"""
+    sums: the column linear's backward reduce-scatters them.)"""
 
     @staticmethod
     def forward(ctx, x):
@@ -62,13 +62,50 @@ def gather_from_sequence(x: torch.Tensor) -> torch.Tensor:
     return _GatherForReplicated.apply(x)
 
 
+class _GatheredInputLinear(torch.autograd.Function):
+    """y = all-gather(x) @ W^T over the sequence, with Megatron-LM's overlapped backward: the input
+    is gathered again (only this rank's slice is kept between forward and backward) while the
+    input gradient is computed, and that gradient is reduce-scattered back to the slices' owners
+    while the weight gradient is computed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, group):
+        ctx.save_for_backward(x, weight)
+        ctx.group = group
+        return F.linear(all_gather_rows(x, group), weight)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight = ctx.saved_tensors
+        group = ctx.group
+        world = dist.get_world_size(group)
+        gathered = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        gathering = all_gather_into(gathered, x.contiguous(), group=group, async_op=True)
+        grad_gathered = grad_output.matmul(weight)  # while the input is gathered
+        gathering.wait()
+        grad_x = grad_gathered.new_empty((x.shape[0], *grad_gathered.shape[1:]))
+        scattering = reduce_scatter_into(grad_x, grad_gathered.contiguous(), group=group, async_op=True)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:  # while the input gradient is reduce-scattered
+            grad_weight = grad_output.reshape(-1, grad_output.shape[-1]).t().matmul(
+                gathered.reshape(-1, gathered.shape[-1]))
+        scattering.wait()
+        return grad_x, grad_weight, None
+
+
 class SequenceParallelColumnLinear(ColumnParallelLinear):
+    """Column-parallel linear on sequence slices: gathers the sequence, keeps its output columns."""
+
     def __init__(self, *args, **kwargs):
-        kwargs["disable_grad_reduce"] = True  # the gather's backward reduce-scatters instead
         super().__init__(*args, **kwargs)
+        if self.gather_output:
+            raise ValueError("a sequence-parallel column linear keeps its output columns (gather_output=False)")
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
-        return super().forward(gather_rows_with_grad(input_, _group()), weight, runtime_gather_output)
+        output = _GatheredInputLinear.apply(input_, self.weight if weight is None else weight, _group())
+        if self.bias is None or self.skip_bias_add:
+            return output, self.bias
+        return output + self.bias, None
 
 
 class SequenceParallelRowLinear(RowParallelLinear):
