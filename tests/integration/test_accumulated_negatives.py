@@ -11,6 +11,7 @@ import torch
 
 from lcl_megatron import tokens
 from lcl_megatron.config import load_config
+from lcl_megatron.data.packing import RowPacker, collate_packed
 from tests.support.configs import DEMO, TINY_MODEL
 from tests.support.launch import with_overrides
 from tests.support.model_inputs import IMAGE
@@ -33,23 +34,29 @@ def _row(sample: int) -> list[int]:
     return row + [tokens.EOT_ID]
 
 
-def _samples(n: int) -> list[dict]:
+def _samples(n: int) -> list[tuple[list[int], list[torch.Tensor]]]:
+    """(token ids, images) of n samples."""
     torch.manual_seed(1)
-    out = []
-    for sample in range(n):
-        row = _row(sample)
-        ids = torch.full((1, LENGTH), tokens.PAD_ID)
-        ids[0, : len(row)] = torch.tensor(row)
-        mask = torch.zeros(1, LENGTH, dtype=torch.bool)
-        mask[0, : len(row)] = True
-        images = torch.randn(int((ids == tokens.SOI_ID).sum()), 3, IMAGE_SIZE, IMAGE_SIZE)
-        out.append({"images": images, "input_ids": ids, "attention_mask": mask})
-    return out
+    rows = [_row(sample) for sample in range(n)]
+    return [(row, list(torch.randn(row.count(tokens.SOI_ID), 3, IMAGE_SIZE, IMAGE_SIZE))) for row in rows]
 
 
-def _micro_batches(samples: list[dict], size: int) -> list[dict]:
-    return [{key: torch.cat([s[key] for s in samples[i: i + size]]) for key in samples[0]}
-            for i in range(0, len(samples), size)]
+def _micro_batches(samples, size: int) -> list[dict]:
+    """One sample a row, `size` rows a micro-batch."""
+    batches = [collate_packed([[s] for s in samples[i: i + size]], LENGTH, IMAGE_SIZE) for i in range(0, len(samples), size)]
+    return [{key: batch[key] for key in ("images", "input_ids", "attention_mask")} for batch in batches]
+
+
+def _packed_micro_batches(samples, micro_batches: int) -> tuple[list[dict], int]:
+    """The samples packed first-fit into rows, split into `micro_batches` of equal row counts:
+    (micro-batches holding different numbers of samples and images, rows per micro-batch)."""
+    packer, rows = RowPacker(LENGTH, open_rows=2, min_length=8), []
+    for sample in samples:
+        rows += packer.add(sample)
+    rows += packer.rows
+    size = len(rows) // micro_batches
+    assert size * micro_batches == len(rows)
+    return [collate_packed(rows[i: i + size], LENGTH, IMAGE_SIZE) for i in range(0, len(rows), size)], size
 
 
 def _config(micro_batch_size: int, grad_accumulation: int, *extra: str):
@@ -106,6 +113,17 @@ def test_accumulated_micro_batches_train_as_one_batch(big_batch, micro_batch_siz
     got = _train_step(_config(micro_batch_size, accumulation), _micro_batches(_samples(16), micro_batch_size))
     assert big_batch[0]["contrastive_loss"] > 0 and big_batch[1]["logit_scale"].abs().sum() > 0
     _assert_same_step(got, big_batch)
+
+
+def test_packed_micro_batches_train_as_one_batch():
+    """Packed rows: the micro-batches hold different numbers of samples, images and tokens."""
+    from lcl_megatron.training.step import samples_in
+
+    whole, rows = _packed_micro_batches(_samples(16), 1)
+    halves, half = _packed_micro_batches(_samples(16), 2)
+    assert samples_in(halves[0]) != samples_in(halves[1]) and len(halves[0]["images"]) != len(halves[1]["images"])
+    one = _train_step(_config(rows, 1, "data.packing=true"), whole)
+    _assert_same_step(_train_step(_config(half, 2, "data.packing=true"), halves), one)
 
 
 def test_regression_and_generation_alone_are_normalised_over_the_step():
