@@ -123,9 +123,11 @@ def plain_train_step(engine, batches, cfg: Config, step: int) -> dict:
         sums[7] += samples_in(batch)
         if micro == accumulation - 1:  # the next engine.step() updates the weights
             # Whole-step losses come as shares of the step that add up; per-micro-batch ones are averaged.
-            divisor = torch.tensor([1 if whole_step else accumulation] * 4 + [accumulation, 1, 1, 1], device=sums.device)
+            if not whole_step:
+                sums[:4] /= accumulation
+            sums[4] /= accumulation  # the logit scale, the same in every micro-batch
             loss, generation, contrastive, regression, logit_scale, tokens, images, samples = \
-                _dp_mean(sums / divisor).cpu().tolist()
+                _dp_mean(sums).cpu().tolist()
             if not math.isfinite(loss + generation + contrastive + regression):
                 raise _non_finite_error(step, loss, generation, contrastive, "stopping before the update")
         engine.step()
