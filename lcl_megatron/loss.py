@@ -12,7 +12,7 @@ interface.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -153,7 +153,7 @@ class Accumulation:
     live: int = 0
 
     def at(self, live: int) -> "Accumulation":
-        return Accumulation(self.num_tokens, self.num_pairs, self.image_features, self.context_features, live)
+        return replace(self, live=live)
 
     def with_live(self, image_features, context_features):
         """Every micro-batch's features, in step order, the live one's in its slot."""
@@ -174,12 +174,12 @@ def combine_losses(gen_sum, num_tokens, con_sum, num_pairs, reg_sum=None, *, gen
     Returns a dict whose tensors, averaged over the data-parallel group (as
     DeepSpeed averages gradients), equal the single-process losses.
 
-    `contrastive_micro_batches` > 1: `con_sum` spans that many micro-batches (an
-    `Accumulation`) and so does every micro-batch's: its value is the whole
-    step's, of which this micro-batch reports its share; its gradient is this
-    micro-batch's part of the step's. `loss` is what to differentiate,
-    `reported_loss` the weighted sum of the reported terms (the same but for
-    that share).
+    `contrastive_micro_batches` > 1: `con_sum` is over the pairs of that many
+    micro-batches (an `Accumulation`), the same sum in each of them, with
+    gradient to this one's features only. Each micro-batch reports its share of
+    it (1/n), so that the step's reported terms add up over its micro-batches.
+    `loss` is what to differentiate, `reported_loss` the weighted sum of the
+    reported terms (the value of `loss` but for that share).
     """
     world = _group_size(group)
     counts = _all_reduce_sum(torch.stack([num_tokens, num_pairs]).float(), group)
