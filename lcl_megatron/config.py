@@ -145,6 +145,8 @@ class LossConfig:
     """weight of the Emu-like regression of each image latent from the LM output before it (0: off, as in LCL)"""
     impl: str = "fused"
     """fused (kernels/: chunked, never all logits at once) or torch (plain)"""
+    accumulate_negatives: bool = True
+    """with train.grad_accumulation > 1: each image's contrastive negatives span every micro-batch of the optimizer step and the losses are normalised over the step, so the step's losses and gradients are those of one batch of them all (the reference's accum_freq feature cache; costs one extra forward without gradient per micro-batch); false: each micro-batch alone. Pipeline parallelism (parallel.pp > 1) always contrasts each micro-batch alone"""
 
 
 @dataclass

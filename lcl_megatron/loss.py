@@ -4,11 +4,15 @@ the Emu-like regression of each image latent from the context before it.
 Both are computed as sums over this rank's rows and normalised by global
 counts (all data-parallel ranks together), so that the data-parallel average
 of the per-rank losses is exactly the single-process loss on the global batch.
+With an `Accumulation` the batch is the whole optimizer step (every
+accumulated micro-batch), as one process would see it in one micro-batch.
 `impl="fused"` swaps in the chunked kernels of `kernels/` behind the same
 interface.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -114,6 +118,11 @@ def zero_keeping_graph(*tensors) -> torch.Tensor:
     return sum(t.sum() for t in tensors) * 0.0
 
 
+def with_gradient_scaled(value: torch.Tensor, factor: float) -> torch.Tensor:
+    """`value` exactly, whose gradient is multiplied by `factor` on its way back."""
+    return value.detach() + (value - value.detach()) * factor
+
+
 def regression_loss_sum(image_features, context_features):
     """Sum over pairs of the squared L2 distance between each L2-normalised image latent
     and the context feature that precedes it (the Emu-like objective: predict the next
@@ -125,12 +134,52 @@ def regression_loss_sum(image_features, context_features):
     return (context_features - image_features).square().sum()
 
 
+@dataclass
+class Accumulation:
+    """What one micro-batch's losses take from the other micro-batches of its optimizer step.
+
+    The reference's `accum_freq` feature cache: the contrastive features of this
+    rank's micro-batches, computed without gradient before the step (empty when
+    the contrastive term is off), and the step's counts on this rank. The
+    micro-batch `live` being trained puts its own features, with gradient, in its
+    slot; its losses are normalised by the step's counts, so that the gradients
+    of the step's micro-batches add up to the gradient of one batch of them all.
+    """
+
+    num_tokens: torch.Tensor  # predicted tokens in this rank's micro-batches of the step
+    num_pairs: torch.Tensor  # image latent / context pairs likewise
+    image_features: list[torch.Tensor]  # per micro-batch [n_j, D], detached
+    context_features: list[torch.Tensor]
+    live: int = 0
+
+    def at(self, live: int) -> "Accumulation":
+        return replace(self, live=live)
+
+    def with_live(self, image_features, context_features):
+        """Every micro-batch's features, in step order, the live one's in its slot."""
+        def splice(cached, live):
+            return torch.cat(cached[:self.live] + [live] + cached[self.live + 1:])
+
+        return (splice(self.image_features, image_features), splice(self.context_features, context_features))
+
+
+def weighted_loss(generation, contrastive, regression, *, generation_weight, contrastive_weight, regression_weight=0.0):
+    return generation_weight * generation + contrastive_weight * contrastive + regression_weight * regression
+
+
 def combine_losses(gen_sum, num_tokens, con_sum, num_pairs, reg_sum=None, *, generation_weight, contrastive_weight,
-                   regression_weight=0.0, group=None):
+                   regression_weight=0.0, group=None, contrastive_micro_batches: int = 1):
     """Normalise the per-rank sums by global counts.
 
     Returns a dict whose tensors, averaged over the data-parallel group (as
     DeepSpeed averages gradients), equal the single-process losses.
+
+    `contrastive_micro_batches` > 1: `con_sum` is over the pairs of that many
+    micro-batches (an `Accumulation`), the same sum in each of them, with
+    gradient to this one's features only. Each micro-batch reports its share of
+    it (1/n), so that the step's reported terms add up over its micro-batches.
+    `loss` is what to differentiate, `reported_loss` the weighted sum of the
+    reported terms (the value of `loss` but for that share).
     """
     world = _group_size(group)
     counts = _all_reduce_sum(torch.stack([num_tokens, num_pairs]).float(), group)
@@ -141,6 +190,10 @@ def combine_losses(gen_sum, num_tokens, con_sum, num_pairs, reg_sum=None, *, gen
     per_pair = world / total_pairs.clamp(min=1)
     contrastive = con_sum * per_pair
     regression = (reg_sum if reg_sum is not None else con_sum.new_zeros(())) * per_pair
-    loss = generation_weight * generation + contrastive_weight * contrastive + regression_weight * regression
-    return {"loss": loss, "generation_loss": generation.detach(), "contrastive_loss": contrastive.detach(),
-            "regression_loss": regression.detach(), "num_tokens": total_tokens, "num_pairs": total_pairs}
+    weights = {"generation_weight": generation_weight, "contrastive_weight": contrastive_weight,
+               "regression_weight": regression_weight}
+    loss = weighted_loss(generation, contrastive, regression, **weights)
+    contrastive_share = contrastive.detach() / contrastive_micro_batches
+    return {"loss": loss, "generation_loss": generation.detach(), "contrastive_loss": contrastive_share,
+            "regression_loss": regression.detach(), "num_tokens": total_tokens, "num_pairs": total_pairs,
+            "reported_loss": weighted_loss(generation.detach(), contrastive_share, regression.detach(), **weights)}

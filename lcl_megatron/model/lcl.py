@@ -1,7 +1,8 @@
 """The LCL model: ViT -> attentive pool-project -> image tokens spliced into a causal LM.
 
 `forward` returns the losses (the LM head and the contrastive gather run
-inside it, so that ZeRO-3 can gather their parameters like any other module).
+inside it, so that ZeRO-3 can gather their parameters like any other module),
+or only the contrastive features (the feature cache of gradient accumulation).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from torch import nn
 
 from lcl_megatron import tokens
 from lcl_megatron.config import Config, LossConfig, ModelConfig
-from lcl_megatron.loss import combine_losses, contrastive_loss_sum, regression_loss_sum, zero_keeping_graph
+from lcl_megatron.loss import (Accumulation, combine_losses, contrastive_loss_sum, regression_loss_sum,
+                               with_gradient_scaled, zero_keeping_graph)
 from lcl_megatron.model.language_model import LanguageModel
 from lcl_megatron.model.backends import LocalBackend, backend_for_this_machine
 from lcl_megatron.model.dims import exp_logit_scale
@@ -47,6 +49,13 @@ def generation_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, po
     if position_ids is not None:
         mask &= position_ids[:, 1:] > 0
     return mask, nxt[mask]
+
+
+def loss_counts(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids=None):
+    """(predicted tokens, image latent / context pairs) of a batch: what its losses are normalised by."""
+    attention_mask = attention_mask.bool()
+    return (generation_targets(input_ids, attention_mask, position_ids)[0].sum(),
+            context_positions(input_ids, attention_mask, position_ids).sum())
 
 
 def packed_params(cu_seqlens, row_length: int):
@@ -131,16 +140,25 @@ class LCLModel(nn.Module):
         return encode_images_always(self.visual, self.pool_project, images, self.cfg.vision.image_size)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None):
+                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, *,
+                accumulation: Accumulation | None = None, features_only: bool = False):
         """Losses of a batch; packed rows (several documents each) come with `position_ids`
-        restarting at 0 per document and `cu_seqlens` over the flattened B x L tokens."""
+        restarting at 0 per document and `cu_seqlens` over the flattened B x L tokens.
+
+        `accumulation`: the batch is one micro-batch of an optimizer step whose
+        negatives and counts span every micro-batch. `features_only`: only the
+        (image, context) features of the contrastive term, for that cache.
+        """
         if (position_ids is None) != (cu_seqlens is None):
             raise ValueError("packed batches need both position_ids and cu_seqlens")
         latents, image_tokens = self.encode_images_always(images)
         hidden = self.text(self.text.embedding(input_ids, image_tokens, position_ids), packed_params(cu_seqlens, input_ids.shape[1]))
-        return lcl_losses(latents, hidden, input_ids, attention_mask.bool(), position_ids,
+        attention_mask = attention_mask.bool()
+        if features_only:
+            return contrastive_features(latents, hidden, input_ids, attention_mask, position_ids, self.text.context_head)
+        return lcl_losses(latents, hidden, input_ids, attention_mask, position_ids,
                           context_head=self.text.context_head, lm_head=self.text.lm_head, scale=self.scale(),
-                          impl=self.loss_impl, **self.loss_weights)
+                          impl=self.loss_impl, accumulation=accumulation, **self.loss_weights)
 
 
 def encode_images_always(visual, pool_project, images: torch.Tensor, image_size: int):
@@ -156,8 +174,17 @@ def encode_images_always(visual, pool_project, images: torch.Tensor, image_size:
     return latents[:0], image_tokens[:0]
 
 
+def contrastive_features(latents, hidden, input_ids, attention_mask, position_ids, context_head, keep=True):
+    """(image features, context features) [n, D], L2-normalised fp32: each image latent that
+    has context and the LM output at its <start_of_img>; no rows unless `keep`."""
+    ctx = context_positions(input_ids, attention_mask, position_ids)
+    has_context = ctx[input_ids == tokens.SOI_ID]  # per image, in row-major order
+    pairs = slice(None) if keep else slice(0)
+    return F.normalize(latents[has_context][pairs].float(), dim=-1), context_head(hidden[ctx][pairs])
+
+
 def lcl_losses(latents, hidden, input_ids, attention_mask, position_ids=None, *, context_head, lm_head, scale, impl,
-               generation_weight, contrastive_weight, regression_weight=0.0):
+               generation_weight, contrastive_weight, regression_weight=0.0, accumulation: Accumulation | None = None):
     """The LCL losses from the image latents [N, D] and the LM outputs [B, L, D].
 
     Shared by the plain model and the last pipeline stage. A term of weight 0 is
@@ -166,13 +193,19 @@ def lcl_losses(latents, hidden, input_ids, attention_mask, position_ids=None, *,
     ZeRO gathers stay the same whatever the weights.
     """
     dp_group = parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None
-    ctx = context_positions(input_ids, attention_mask, position_ids)
-    has_context = ctx[input_ids == tokens.SOI_ID]  # per image, in row-major order
-    pairs = slice(None) if contrastive_weight > 0 or regression_weight > 0 else slice(0)
-    image_feats = F.normalize(latents[has_context][pairs].float(), dim=-1)
-    context_feats = context_head(hidden[ctx][pairs])
+    image_feats, context_feats = contrastive_features(latents, hidden, input_ids, attention_mask, position_ids,
+                                                      context_head, keep=contrastive_weight > 0 or regression_weight > 0)
+    num_tokens, num_pairs = loss_counts(input_ids, attention_mask, position_ids)
+    negatives, micro_batches = (image_feats, context_feats), 1
+    if accumulation is not None:
+        num_tokens, num_pairs = accumulation.num_tokens, accumulation.num_pairs
+        if accumulation.image_features:  # empty when the contrastive term is off
+            negatives, micro_batches = accumulation.with_live(image_feats, context_feats), len(accumulation.image_features)
+            # The logit scale is live in every micro-batch's copy of the step's contrastive loss
+            # (the features only in their own): each copy takes its share of the scale's gradient.
+            scale = with_gradient_scaled(scale, 1 / micro_batches)
     if contrastive_weight > 0:
-        con_sum = contrastive_loss_sum(image_feats, context_feats, scale, dp_group, impl)
+        con_sum = contrastive_loss_sum(*negatives, scale, dp_group, impl)
     else:
         con_sum = zero_keeping_graph(image_feats, context_feats, scale)
     reg_sum = regression_loss_sum(image_feats, context_feats) if regression_weight > 0 else None
@@ -180,9 +213,9 @@ def lcl_losses(latents, hidden, input_ids, attention_mask, position_ids=None, *,
     gen_mask, targets = generation_targets(input_ids, attention_mask, position_ids)
     rows = slice(None) if generation_weight > 0 else slice(0)
     gen_sum = lm_head(hidden[:, :-1][gen_mask][rows], targets[rows])
-    out = combine_losses(gen_sum, gen_mask.sum(), con_sum, has_context.sum(), reg_sum, group=dp_group,
+    out = combine_losses(gen_sum, num_tokens, con_sum, num_pairs, reg_sum, group=dp_group,
                          generation_weight=generation_weight, contrastive_weight=contrastive_weight,
-                         regression_weight=regression_weight)
+                         regression_weight=regression_weight, contrastive_micro_batches=micro_batches)
     out["logit_scale"] = scale.detach()
     return out
 

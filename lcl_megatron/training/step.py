@@ -13,6 +13,8 @@ import torch.distributed as dist
 
 from lcl_megatron.config import Config
 from lcl_megatron.layout import max_images_per_microbatch
+from lcl_megatron.loss import Accumulation
+from lcl_megatron.model.lcl import loss_counts
 from lcl_megatron.model.pipeline import METRICS, to_pipeline_batch
 from lcl_megatron.training.engine import pipeline_metrics
 
@@ -47,37 +49,91 @@ def _non_finite_error(step: int, loss: float, generation: float, contrastive: fl
                          f"contrastive={contrastive}); {when}")
 
 
+def accumulates_negatives(cfg: Config) -> bool:
+    """Whether a step's contrastive negatives and loss normalisation span all its micro-batches.
+
+    Not with one micro-batch (nothing to span), nor under pipeline parallelism:
+    DeepSpeed's pipeline engine schedules the micro-batches itself, and the
+    feature cache would need a pass of its own through every stage.
+    """
+    return cfg.loss.accumulate_negatives and cfg.train.grad_accumulation > 1 and cfg.parallel.pp == 1
+
+
+def describe_negatives(cfg: Config) -> str:
+    """For the start-up line: which images each image is contrasted with."""
+    if cfg.train.grad_accumulation == 1:
+        return "contrastive negatives from the micro-batch"
+    if accumulates_negatives(cfg):
+        return f"contrastive negatives from all {cfg.train.grad_accumulation} accumulated micro-batches"
+    why = "pipeline parallel" if cfg.loss.accumulate_negatives else "loss.accumulate_negatives=false"
+    return f"contrastive negatives from each accumulated micro-batch alone ({why})"
+
+
+def _forward(engine, batch: dict, **kwargs):
+    return engine(batch["images"], batch["input_ids"], batch["attention_mask"], batch.get("position_ids"),
+                  batch.get("cu_seqlens"), **kwargs)
+
+
+def step_accumulation(engine, micro_batches: list[dict], cfg: Config) -> Accumulation:
+    """This rank's counts over the step's micro-batches and, when the contrastive term is on,
+    each one's contrastive features from a forward without gradient (the reference's
+    `accum_freq` cache; the data-parallel ranks' are gathered by the loss)."""
+    counts = torch.stack([torch.stack(loss_counts(b["input_ids"], b["attention_mask"], b.get("position_ids")))
+                          for b in micro_batches]).sum(0).to(engine.device)
+    features = []
+    if cfg.loss.contrastive_weight > 0:
+        with torch.no_grad():
+            features = [_forward(engine, batch_to_device(b, engine.device), features_only=True) for b in micro_batches]
+    return Accumulation(counts[0], counts[1], [f[0] for f in features], [f[1] for f in features])
+
+
 def plain_train_step(engine, batches, cfg: Config, step: int) -> dict:
     """One optimizer step over `train.grad_accumulation` micro-batches.
 
-    The numbers stay on the device until one read, before the update: the
-    data-parallel mean of the losses, the logit scale and the tokens, which
-    also stops the run on a non-finite loss before it reaches the weights
-    (Megatron checks every step likewise). The gradient norm is returned as
-    the engine holds it; the caller reads it only on logged steps.
+    With `accumulates_negatives`, the step's micro-batches are read first and
+    the losses of each see them all (see `Accumulation`). The numbers stay on
+    the device until one read, before the update: the data-parallel mean of the
+    losses, the logit scale and the tokens, which also stops the run on a
+    non-finite loss before it reaches the weights (Megatron checks every step
+    likewise). The gradient norm is returned as the engine holds it; the caller
+    reads it only on logged steps.
     """
     accumulation = cfg.train.grad_accumulation
+    whole_step = accumulates_negatives(cfg)
+    micro_batches = [next(batches) for _ in range(accumulation)] if whole_step else None
+    cache = step_accumulation(engine, micro_batches, cfg) if whole_step else None
     # loss, generation, contrastive, regression, logit_scale, tokens, images, samples
     sums = torch.zeros(8, device=engine.device)
     for micro in range(accumulation):
-        batch = batch_to_device(next(batches), engine.device)
-        out = engine(batch["images"], batch["input_ids"], batch["attention_mask"],
-                     batch.get("position_ids"), batch.get("cu_seqlens"))
-        engine.backward(out["loss"])
-        sums[:6] += torch.stack([out["loss"].detach().float(), out["generation_loss"].float(),
+        batch = batch_to_device(micro_batches[micro] if whole_step else next(batches), engine.device)
+        if whole_step:
+            out = _forward(engine, batch, accumulation=cache.at(micro))
+            # These losses are normalised by the whole step's counts: their gradients add up over the
+            # micro-batches to the step's. DeepSpeed divides every micro-batch's loss by the accumulation
+            # count (meant for per-micro-batch means), so it gets them that many times over. Not
+            # `scale_wrt_gas=False`: the hooks its forward puts on the outputs would still divide.
+            engine.backward(out["loss"] * accumulation)
+        else:
+            out = _forward(engine, batch)
+            engine.backward(out["loss"])  # a per-micro-batch mean: DeepSpeed divides it by the count
+        sums[:6] += torch.stack([out["reported_loss"].float(), out["generation_loss"].float(),
                                  out["contrastive_loss"].float(), out["regression_loss"].float(),
                                  out["logit_scale"].float(), batch["attention_mask"].sum().float()])
         sums[6] += batch["images"].shape[0]
         sums[7] += samples_in(batch)
         if micro == accumulation - 1:  # the next engine.step() updates the weights
+            # Whole-step losses come as shares of the step that add up; per-micro-batch ones are averaged.
+            if not whole_step:
+                sums[:4] /= accumulation
+            sums[4] /= accumulation  # the logit scale, the same in every micro-batch
             loss, generation, contrastive, regression, logit_scale, tokens, images, samples = \
-                _dp_mean(sums / accumulation).cpu().tolist()
+                _dp_mean(sums).cpu().tolist()
             if not math.isfinite(loss + generation + contrastive + regression):
                 raise _non_finite_error(step, loss, generation, contrastive, "stopping before the update")
         engine.step()
     return {"loss": loss, "generation_loss": generation, "contrastive_loss": contrastive, "regression_loss": regression,
             "logit_scale": logit_scale, "grad_norm": engine.get_global_grad_norm(),
-            "tokens": tokens * accumulation, "images": images * accumulation, "samples": samples * accumulation}
+            "tokens": tokens, "images": images, "samples": samples}
 
 
 def pipeline_train_step(engine, batches, cfg: Config, step: int) -> dict:

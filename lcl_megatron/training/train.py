@@ -260,6 +260,7 @@ def describe_backends(cfg: Config, engine, loader, layers: str) -> str:
 
     from kernels.attention import backend_name
     from lcl_megatron.loss import describe_losses
+    from lcl_megatron.training.step import describe_negatives
 
     device = torch.device(engine.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -268,7 +269,8 @@ def describe_backends(cfg: Config, engine, loader, layers: str) -> str:
     zero = engine.zero_optimization_stage() if engine.zero_optimization() else 0
     workers = getattr(getattr(loader, "loader", loader), "num_workers", 0)
     return (f"{dist.get_world_size()} x {name}, {precision}, ZeRO {zero}; attention {backend_name(device.type)}; "
-            f"losses {describe_losses(cfg.loss.impl, device.type)}; layers {layers}; {workers} loader worker(s) per reader")
+            f"losses {describe_losses(cfg.loss.impl, device.type)}, {describe_negatives(cfg)}; layers {layers}; "
+            f"{workers} loader worker(s) per reader")
 
 
 def skipped_counts(loader, cfg: Config, device) -> dict:

@@ -35,11 +35,11 @@ class DeviceEngine:
         self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, foreach=False)
         self.micro_steps = 0
 
-    def __call__(self, *inputs):
-        return self.module(*inputs)
+    def __call__(self, *inputs, **kwargs):
+        return self.module(*inputs, **kwargs)
 
     def backward(self, loss):
-        loss.backward()
+        (loss / GRAD_ACCUMULATION).backward()
 
     def step(self):
         self.micro_steps += 1

@@ -15,9 +15,9 @@ from tests.support.launch import read_metrics, run_lcl
 LAYOUTS = {
     "dp2_zero1": (2, ["parallel.zero_stage=1"]),
     "dp2_zero2": (2, ["parallel.zero_stage=2"]),
-    "dp2_zero3": (2, ["parallel.zero_stage=3"]),
+    "dp2_zero3_accum2": (2, ["parallel.zero_stage=3", "train.grad_accumulation=2"]),
     "tp2": (2, ["parallel.tp=2"]),
-    "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
+    "tp2_sp_accum2": (2, ["parallel.tp=2", "parallel.sp=true", "train.grad_accumulation=2"]),
     "tp2_dp2": (4, ["parallel.tp=2", "parallel.zero_stage=1"]),
     "pp2": (2, ["parallel.pp=2"]),
     "pp2_dp2": (4, ["parallel.pp=2", "parallel.zero_stage=1"]),
@@ -27,8 +27,10 @@ LAYOUTS = {
 def _train(tmp_path, name, nproc, layout):
     run_dir = tmp_path / name
     dp = nproc // (2 if any(x.startswith(("parallel.tp=2", "parallel.pp=2")) for x in layout) else 1)
+    # Accumulated micro-batches split the same global batch further.
+    accumulation = 2 if "train.grad_accumulation=2" in layout else 1
     args = ["train", "--config", "configs/demo.yaml", *TINY, *layout, f"run.dir={run_dir}",
-            f"train.micro_batch_size={GLOBAL_BATCH // dp}"]
+            f"train.micro_batch_size={GLOBAL_BATCH // (dp * accumulation)}"]
     run_lcl(args, nproc=nproc)
     return read_metrics(run_dir), load_file(str(run_dir / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors"))
 
@@ -86,7 +88,7 @@ def single_by_objective(tmp_path_factory):
 
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
-@pytest.mark.parametrize("layout", ["dp2_zero3", "pp2", "tp2"])
+@pytest.mark.parametrize("layout", ["dp2_zero3_accum2", "pp2", "tp2"])
 def test_objective_under_layout_matches_single_process(tmp_path, single_by_objective, objective, layout):
     nproc, overrides = LAYOUTS[layout]
     _assert_same(single_by_objective(objective), _train(tmp_path, layout, nproc, overrides + OBJECTIVES[objective]))
