@@ -224,9 +224,9 @@ class CheckpointConfig:
     consolidate: str = "end"
     """when a save also writes the single-process model.safetensors: 'end' (the run's last save), 'every' save,
     or N (every N-th save and the last); without it eval and convert read DeepSpeed's files"""
-    async_save: bool = False
-    """write checkpoints in a background thread from a host copy of the state while training goes on (a file whose
-    copy would not fit in free host memory is written before training resumes)"""
+    async_save: bool = True
+    """write checkpoints in a background thread from a host copy of the state while training goes on; a file whose
+    copy would take over half the free host memory is written before training resumes"""
     timeout_s: float = 3600.0
     """how long ranks wait for each other during a save (a gloo group of its own, not parallel.timeout_s)"""
 

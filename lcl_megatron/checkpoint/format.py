@@ -96,8 +96,9 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
     that the manifest needs no rank to read another's files.
 
     With `deferred` set to a list, `save` writes nothing: it appends (path, a writer of a
-    host copy of the state, the copy's bytes) for a background writer (checkpoint/manager.py), so training goes on
-    while the files are written."""
+    host copy of the state, the copy's bytes) for a background writer (checkpoint/manager.py),
+    so training goes on while the files are written; a state whose copy would take more than
+    half the free host memory is written at once instead."""
 
     def __init__(self, config_params=None):
         super().__init__(config_params)
@@ -105,9 +106,11 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
         self.deferred: list | None = None
 
     def save(self, state_dict, path: str):
-        if self.deferred is not None:
+        size = tensor_bytes(state_dict)
+        # The copy must leave room for the rest of the job (the loader's workers, the next copies).
+        if self.deferred is not None and size < host_memory_available() // 2:
             state = host_copy(state_dict)
-            self.deferred.append((path, lambda tmp: torch.save(state, tmp), tensor_bytes(state)))
+            self.deferred.append((path, lambda tmp: torch.save(state, tmp), size))
         else:
             self.written[str(path)] = write_hashed(path, lambda tmp: torch.save(state_dict, tmp))
 
@@ -149,6 +152,18 @@ def host_copy(obj):
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
         return type(obj)(host_copy(v) for v in obj)
     return obj
+
+
+def host_memory_available() -> int:
+    """Bytes of host memory the kernel can give without swapping (MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def tensor_bytes(obj) -> int:

@@ -179,7 +179,7 @@ class CheckpointSaver:
                         prune(self.root, self.settings.keep, upto=ckpt_dir.name)
                         row = summarize_save(step, reports, background)
                         self.finished.append(row)
-                        print(describe_save(row), file=sys.stderr, flush=True)
+                        print(describe_save(row), flush=True)
                     except (OSError, DiskFull, CheckpointError) as e:
                         outcome = [(type(e).__name__, str(e))]
             dist.broadcast_object_list(outcome, src=0, group=self.group)
