@@ -56,6 +56,7 @@ def summarize_save(step: int, reports: list[dict], background: bool) -> dict:
     return {"checkpoint_step": step,
             "checkpoint_save_s": round(max(r["seconds"] for r in reports), 3),
             "checkpoint_rank0_s": round(reports[0]["seconds"], 3),
+            "rank_seconds": [round(r["seconds"], 3) for r in reports],
             "checkpoint_blocking_s": round(max(r["blocking_s"] for r in reports), 3),
             "checkpoint_bytes": sum(e["bytes"] for r in reports for e in r["files"].values()),
             "checkpoint_files": sum(len(r["files"]) for r in reports),
