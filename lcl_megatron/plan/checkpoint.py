@@ -17,7 +17,6 @@ from lcl_megatron.plan.costs import Plan
 
 DISK_GIB_S = 1.0  # write bandwidth per rank, GiB/s, to a parallel file system
 HASH_GIB_S = 1.0  # SHA-256 of one core over the just-written (cached) file
-CONSOLIDATED_BYTES_PER_PARAM = 4  # model.safetensors holds the single-process (fp32) tensors
 WARNING_MARGIN_S = 120  # the step in flight, the manifest, process exit
 WARNING_FACTOR = 1.5  # disks are slower than planned when the whole job writes at once
 GiB = 1024 ** 3
@@ -48,8 +47,9 @@ def estimate_save(plan: Plan, cfg: Config, disk_gib_s: float = DISK_GIB_S) -> Sa
     optimizer_writers = lay.dp if lay.zero_stage >= 1 else 1
     total = sum(lay.tp * (weight_writers * s.weight_bytes + optimizer_writers * s.optimizer_bytes)
                 for s in plan.stages)
-    consolidated = plan.total_params * CONSOLIDATED_BYTES_PER_PARAM
-    largest_part = max(s.params * lay.tp for s in plan.stages) * CONSOLIDATED_BYTES_PER_PARAM
+    model_bytes = 2 if cfg.train.precision == "bf16" else 4  # model.safetensors: the module's dtype
+    consolidated = plan.total_params * model_bytes
+    largest_part = max(s.params * lay.tp for s in plan.stages) * model_bytes
     return SaveEstimate(busiest_rank_bytes=busiest, total_bytes=total, consolidated_bytes=consolidated,
                         seconds=busiest * per_second, consolidated_seconds=largest_part * per_second,
                         disk_gib_s=disk_gib_s)

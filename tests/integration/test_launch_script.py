@@ -129,7 +129,8 @@ def test_the_warning_leaves_time_for_the_planned_checkpoint_save(capsys, tmp_pat
     from lcl_megatron.plan.checkpoint import estimate_save
     from lcl_megatron.plan.costs import make_plan
 
-    big = ["data.path=embedded:digits", "parallel.pp=1", "parallel.zero_stage=0", f"run.dir={tmp_path / 'run'}"]
+    big = ["data.path=embedded:digits", "parallel.pp=1", "parallel.zero_stage=0", "train.precision=fp32",
+           f"run.dir={tmp_path / 'run'}"]
     needed = estimate_save(make_plan(load_config("configs/lcl_vit_6b_llama7b.yaml", big), 2, 8),
                            load_config("configs/lcl_vit_6b_llama7b.yaml", big)).warning_s
     assert needed > 300
