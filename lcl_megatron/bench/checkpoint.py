@@ -4,8 +4,9 @@ parameters with `--ranks` CPU processes, through the trainer's own saver (checkp
 Each rank holds what DeepSpeed's ZeRO-3 gives it of a model trained in bf16 with Adam: its
 1/ranks of the bf16 weights (its `zero_pp_rank_R_mp_rank_00_model_states.pt`) and of the fp32
 master weights and both moments (`..._optim_states.pt`), 14 bytes per parameter in all. The
-tensors are zero-filled (their pages cost no memory until written, so a 1B-parameter state
-fits beside other jobs; the contents change neither the write nor SHA-256's speed). Every rank
+tensors are allocated and never filled (their pages read as zeros and take no memory, so a
+1B-parameter state fits beside other jobs; the contents change neither the write nor
+SHA-256's speed). Every rank
 writes and hashes its own files, rank 0 assembles the manifest from their reports: rank 0's
 time should match the others' (the goal: within 1.5x), since it no longer hashes their files.
 """
@@ -41,9 +42,10 @@ class ZeroThreeShard:
     def __init__(self, params: int, rank: int, ranks: int):
         share = -(-params // ranks)
         self.rank = rank
-        self.weights = torch.zeros(share, dtype=torch.bfloat16)
-        self.optimizer = {"fp32_flat_groups": [torch.zeros(share)],
-                          "state": {0: {"exp_avg": torch.zeros(share), "exp_avg_sq": torch.zeros(share)}}}
+        # Never written to: the pages stay unallocated (read as zeros), whatever the state's size.
+        self.weights = torch.empty(share, dtype=torch.bfloat16)
+        self.optimizer = {"fp32_flat_groups": [torch.empty(share)],
+                          "state": {0: {"exp_avg": torch.empty(share), "exp_avg_sq": torch.empty(share)}}}
         self.checkpoint_engine = SafeCheckpointEngine()
 
     def save_checkpoint(self, root: str, tag: str, client_state: dict, save_latest: bool) -> None:

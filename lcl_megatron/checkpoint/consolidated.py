@@ -156,8 +156,6 @@ def _canonical_stage_names(engine, tensors: dict) -> dict:
 def stage_canonical_tensors(engine, vocab_size: int) -> dict:
     """Collective over TP: this pipeline stage's (or the whole model's) tensors, unsharded,
     under their single-process names. Not for ZeRO-3, whose partitions DeepSpeed gathers."""
-    from megatron.core import parallel_state
-
     from lcl_megatron.model.sharding import canonical_shapes, gather_canonical
 
     return _canonical_stage_names(engine, gather_canonical(engine.module, canonical_shapes(engine.module, vocab_size)))

@@ -76,6 +76,7 @@ def describe_save(row: dict) -> str:
 
 
 def _peak_host_bytes() -> int:
+    """The process's peak resident memory so far (a save's copy of the state shows in it)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -160,7 +161,7 @@ class CheckpointSaver:
                     written[str(path)] = save_model_file(write, path)
                 else:
                     written[str(path)] = write_hashed(path, write)
-        except (OSError, DiskFull, CheckpointError) as e:
+        except Exception as e:  # reported, so that no rank waits for this one until the timeout
             problem = e
         report.update(files={str(Path(p).relative_to(ckpt_dir)): entry for p, entry in written.items()},
                       seconds=time.perf_counter() - start, peak_host_bytes=_peak_host_bytes(),
@@ -181,7 +182,7 @@ class CheckpointSaver:
                         row = summarize_save(step, reports, background)
                         self.finished.append(row)
                         print(describe_save(row), flush=True)
-                    except (OSError, DiskFull, CheckpointError) as e:
+                    except Exception as e:  # told to every rank: none waits on a manifest never written
                         outcome = [(type(e).__name__, str(e))]
             dist.broadcast_object_list(outcome, src=0, group=self.group)
         except BaseException as e:  # a rank that died, a timeout: this save is not complete

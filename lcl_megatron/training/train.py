@@ -169,20 +169,17 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
 
     saver = CheckpointSaver(engine, ckpt_root, cfg, config_text, dp_rank)
 
-    def on_disk_full(step: int, e: DiskFull) -> DiskFull:
-        intact = newest_checkpoint(ckpt_root)
-        return DiskFull(f"{e}; the checkpoint of step {step} was not saved, "
-                        + (f"{intact} is intact: free space, then continue with --resume" if intact else
-                           "and there is no earlier one: free space and start again"))
-
     def save(step: int, last: bool = False) -> Path:
         try:
             ckpt = saver.save(step, loader.state_dict() if reader else None, final=step == cfg.train.steps)
             if last:  # the process leaves after it: its files must be on disk
                 saver.wait()
         except DiskFull as e:
-            raise on_disk_full(step, e) from None
-        while saver.finished:
+            intact = newest_checkpoint(ckpt_root)
+            raise DiskFull(f"{e}; the checkpoint of step {step} was not saved, "
+                           + (f"{intact} is intact: free space, then continue with --resume" if intact else
+                              "and there is no earlier one: free space and start again")) from None
+        while saver.finished:  # rank 0: the saves completed by now, into metrics.jsonl
             row = saver.finished.pop(0)
             log.log_checkpoint(row.pop("checkpoint_step"), row)
         return ckpt
