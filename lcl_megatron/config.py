@@ -226,7 +226,8 @@ class CheckpointConfig:
     or N (every N-th save and the last); without it eval and convert read DeepSpeed's files"""
     async_save: bool = True
     """write checkpoints in a background thread from a host copy of the state while training goes on; a file whose
-    copy would take over half the free host memory is written before training resumes"""
+    copy would take more than its share of half the free host memory (shared by the node's ranks) is written before
+    training resumes"""
     timeout_s: float = 3600.0
     """how long ranks wait for each other during a save (a gloo group of its own, not parallel.timeout_s)"""
 

@@ -59,7 +59,7 @@ class ZeroThreeShard:
 
 
 def _rank(rank: int, ranks: int, port: int, params: int, root: str, saves: int, background: bool, out: str):
-    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.update(OMP_NUM_THREADS="1", LOCAL_WORLD_SIZE=str(ranks))  # as torchrun sets them
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=ranks)
     state = ZeroThreeShard(params, rank, ranks)
     cfg = Config()
@@ -99,8 +99,10 @@ def markdown(result: dict) -> str:
         f"{result['params'] / 1e9:.2f}B parameters, ZeRO-3 over {result['ranks']} CPU ranks (gloo): each rank "
         f"writes and hashes its bf16 weights and fp32 Adam state, 14 bytes per parameter "
         f"({result['bytes'] / GiB:.1f} GiB in {result['files']} files per checkpoint); "
-        f"{'background' if result['background'] else 'synchronous'} saves, one after another. Rank 0 "
-        "assembles the manifest from the ranks' reports.", "",
+        f"{'background' if result['background'] else 'synchronous'} saves, one after another. A rank's time "
+        "runs from the start of the save to its own files written and hashed (in a synchronous save after "
+        "DeepSpeed's closing barrier, so the ranks end together); rank 0 then assembles the manifest from "
+        "the ranks' reports instead of hashing their files.", "",
         "| save | slowest rank s | rank 0 s | rank 0 / slowest other | peak host memory per rank GiB |",
         "|---|---|---|---|---|",
     ]

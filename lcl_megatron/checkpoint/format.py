@@ -98,7 +98,7 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
     With `deferred` set to a list, `save` writes nothing: it appends (path, a writer of a
     host copy of the state, the copy's bytes) for a background writer (checkpoint/manager.py),
     so training goes on while the files are written; a state whose copy would take more than
-    half the free host memory is written at once instead."""
+    its rank's share (LOCAL_WORLD_SIZE) of half the free host memory is written at once instead."""
 
     def __init__(self, config_params=None):
         super().__init__(config_params)
@@ -107,8 +107,10 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
 
     def save(self, state_dict, path: str):
         size = tensor_bytes(state_dict)
-        # The copy must leave room for the rest of the job (the loader's workers, the next copies).
-        if self.deferred is not None and size < host_memory_available() // 2:
+        # The copy must leave room for the rest of the job (the loader's workers, the next copies),
+        # and every rank of the node copies its state at the same time.
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if self.deferred is not None and size < host_memory_available() // (2 * local_ranks):
             state = host_copy(state_dict)
             self.deferred.append((path, lambda tmp: torch.save(state, tmp), size))
         else:
