@@ -108,10 +108,10 @@ def markdown(result: dict) -> str:
     ]
     for i, row in enumerate(rows, 1):
         lines.append(f"| {i} | {row['checkpoint_save_s']:.1f} | {row['checkpoint_rank0_s']:.1f} | "
-                     f"{row['rank_seconds'][0] / max(row['rank_seconds'][1:]):.2f} | "
+                     f"{row['checkpoint_rank_s'][0] / max(row['checkpoint_rank_s'][1:]):.2f} | "
                      f"{min(row['checkpoint_peak_host_bytes']) / GiB:.2f}-"
                      f"{max(row['checkpoint_peak_host_bytes']) / GiB:.2f} |")
-    worst = max(row["rank_seconds"][0] / max(row["rank_seconds"][1:]) for row in rows)
+    worst = max(row["checkpoint_rank_s"][0] / max(row["checkpoint_rank_s"][1:]) for row in rows)
     lines += ["", f"- rank 0's save time / the slowest other rank's, worst save: {worst:.2f}x "
                   f"({'within' if worst <= 1.5 else 'NOT within'} the 1.5x goal)"]
     return "\n".join(lines) + "\n"

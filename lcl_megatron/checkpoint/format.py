@@ -335,10 +335,15 @@ def open_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
     return ckpt, read_manifest(ckpt)
 
 
+def safetensors_writer(state_dict: dict):
+    """A writer (for `write_hashed`) of these tensors as a safetensors file."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    return lambda tmp: save_file(tensors, str(tmp))
+
+
 def save_model_file(state_dict: dict, path: Path) -> dict:
     """A safetensors file written atomically; returns its manifest entry."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    return write_hashed(path, lambda tmp: save_file(tensors, str(tmp)))
+    return write_hashed(path, safetensors_writer(state_dict))
 
 
 def load_safetensors_bytes(data: bytes) -> dict:

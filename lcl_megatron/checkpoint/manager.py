@@ -31,7 +31,7 @@ import yaml
 from lcl_megatron.checkpoint.consolidated import gather_model_file
 from lcl_megatron.checkpoint.format import (CONFIG_FILE, LATEST, OPTIMIZER_TENSORS, CheckpointError, assemble_manifest,
                                             complete_checkpoints, is_complete, is_step_directory, loader_file,
-                                            read_step, save_model_file, tag_for, tensor_bytes, verify_collectively,
+                                            read_step, safetensors_writer, tag_for, tensor_bytes, verify_collectively,
                                             write_hashed, write_manifest)
 from lcl_megatron.checkpoint.training_state import load_canonical_state
 from lcl_megatron.config import CheckpointConfig, Config, ConfigError, config_from_dict
@@ -56,7 +56,7 @@ def summarize_save(step: int, reports: list[dict], background: bool) -> dict:
     return {"checkpoint_step": step,
             "checkpoint_save_s": round(max(r["seconds"] for r in reports), 3),
             "checkpoint_rank0_s": round(reports[0]["seconds"], 3),
-            "rank_seconds": [round(r["seconds"], 3) for r in reports],
+            "checkpoint_rank_s": [round(r["seconds"], 3) for r in reports],
             "checkpoint_blocking_s": round(max(r["blocking_s"] for r in reports), 3),
             "checkpoint_bytes": sum(e["bytes"] for r in reports for e in r["files"].values()),
             "checkpoint_files": sum(len(r["files"]) for r in reports),
@@ -124,7 +124,7 @@ class CheckpointSaver:
             if model_file is not None:
                 name, tensors = model_file
                 snapshot_bytes += tensor_bytes(tensors)
-                writes.append((ckpt_dir / name, tensors, 0))
+                writes.append((ckpt_dir / name, safetensors_writer(tensors), 0))
         if self.rank == 0:
             config = self.config_text.encode()
             writes.append((ckpt_dir / CONFIG_FILE, lambda tmp: tmp.write_bytes(config), 0))
@@ -157,10 +157,7 @@ class CheckpointSaver:
         problem = None
         try:
             for path, write, _ in writes:
-                if isinstance(write, dict):
-                    written[str(path)] = save_model_file(write, path)
-                else:
-                    written[str(path)] = write_hashed(path, write)
+                written[str(path)] = write_hashed(path, write)
         except Exception as e:  # reported, so that no rank waits for this one until the timeout
             problem = e
         report.update(files={str(Path(p).relative_to(ckpt_dir)): entry for p, entry in written.items()},
