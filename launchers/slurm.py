@@ -94,7 +94,8 @@ def build_spec(args) -> JobSpec:
         raise ConfigError(f"--gpus-per-node must be at least 1, got {args.gpus_per_node}")
     if args.chain < 1:
         raise ConfigError(f"--chain must be at least 1, got {args.chain}")
-    for flag, value in (("--warning", 1 if args.warning is None else args.warning), ("--rdzv-timeout", args.rdzv_timeout),
+    warning = 1 if args.warning is None else args.warning  # None: computed below
+    for flag, value in (("--warning", warning), ("--rdzv-timeout", args.rdzv_timeout),
                         ("--shutdown-timeout", args.shutdown_timeout)):
         if value <= 0:
             raise ConfigError(f"{flag} must be positive, got {value}")

@@ -126,7 +126,8 @@ def main(argv=None) -> int:
     p.add_argument("--saves", type=int, default=2, help="saves timed, one after another (default 2)")
     p.add_argument("--background", action="store_true", help="background saves (checkpoint.async_save)")
     p.add_argument("--dir", help="scratch directory (default: a temporary one, deleted after)")
-    p.add_argument("--write", metavar="BENCHMARKS_MD", help="put the results into this file's '## Checkpoint save' section")
+    p.add_argument("--write", metavar="BENCHMARKS_MD",
+                   help="put the results into this file's '## Checkpoint save' section")
     args = p.parse_args(argv)
     if args.params < 1 or args.ranks < 2 or args.saves < 1:
         raise UserError("--params and --saves must be positive and --ranks at least 2")

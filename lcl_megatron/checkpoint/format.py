@@ -3,10 +3,10 @@
 A checkpoint is the directory `<run>/checkpoints/step_XXXXXXXX/`. It counts as
 complete only once every rank has written and hashed its own files and rank 0
 has written `COMPLETE`, a manifest assembled from what every rank reports
-(each file's size and SHA-256); `latest` is then replaced atomically. A crash mid-save therefore leaves the previous checkpoint
-as the newest complete one. Every load checks the files it reads against the
-manifest (size and SHA-256), so a damaged checkpoint is refused, never trained
-on or evaluated. Loading never unpickles code: DeepSpeed's files are read with
+(each file's size and SHA-256); `latest` is then replaced atomically. A crash
+mid-save therefore leaves the previous checkpoint as the newest complete one.
+Every load checks the files it reads against the manifest (size and SHA-256),
+so a damaged checkpoint is refused, never trained on or evaluated. Loading never unpickles code: DeepSpeed's files are read with
 `weights_only=True` and an allow-list of the plain data classes they contain.
 """
 
@@ -137,6 +137,7 @@ def write_hashed(path, write) -> dict:
     """`atomic_write` that also returns the manifest entry of what was written (hashed from the
     temporary file before it is renamed, while its pages are still cached)."""
     entry = {}
+
     def write_and_hash(tmp: Path):
         write(tmp)
         entry.update(file_entry(tmp))

@@ -57,8 +57,8 @@ def estimate_save(plan: Plan, cfg: Config, disk_gib_s: float = DISK_GIB_S) -> Sa
 
 def describe_estimate(est: SaveEstimate, cfg: Config) -> list[str]:
     return [
-        f"checkpoint  {est.total_bytes / GiB:,.1f} GiB per save, {est.busiest_rank_bytes / GiB:,.2f} GiB on the busiest "
-        f"rank: ~{est.seconds:,.0f} s at {est.disk_gib_s:g} GiB/s per rank (write, then SHA-256); "
+        f"checkpoint  {est.total_bytes / GiB:,.1f} GiB per save, {est.busiest_rank_bytes / GiB:,.2f} GiB on the "
+        f"busiest rank: ~{est.seconds:,.0f} s at {est.disk_gib_s:g} GiB/s per rank (write, then SHA-256); "
         f"model.safetensors ({cfg.checkpoint.consolidate}) adds {est.consolidated_bytes / GiB:,.1f} GiB, "
         f"~{est.consolidated_seconds:,.0f} s",
         f"            a background save (checkpoint.async_save) holds up to {est.busiest_rank_bytes / GiB:,.2f} GiB "
