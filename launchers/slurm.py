@@ -25,6 +25,7 @@ from launchers.sbatch import JobSpec, ScriptError, render
 
 # Data-loader workers decode images on the host: a GPU process with fewer cores starves.
 CPUS_PER_GPU = 8
+DEFAULT_WARNING_S = 300
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
@@ -51,8 +52,9 @@ def parse_args(argv):
                         "(detected automatically when sinfo shows no GPUs in the partition)")
     p.add_argument("--chain", type=int, default=1, metavar="K",
                    help="submit K jobs, each starting after the previous ends (--dependency=afterany)")
-    p.add_argument("--warning", type=int, default=300, metavar="SECONDS",
-                   help="ask Slurm for the checkpoint-and-requeue signal this long before the time limit")
+    p.add_argument("--warning", type=int, default=None, metavar="SECONDS",
+                   help="ask Slurm for the checkpoint-and-requeue signal this long before the time limit "
+                        f"(default: {DEFAULT_WARNING_S}, or more when `lcl plan` estimates a longer save)")
     p.add_argument("--max-restarts", type=int, default=3, help="torchrun restarts after a failed rank")
     p.add_argument("--rdzv-timeout", type=int, default=600, metavar="SECONDS",
                    help="how long torchrun waits for every node to join")
@@ -92,7 +94,8 @@ def build_spec(args) -> JobSpec:
         raise ConfigError(f"--gpus-per-node must be at least 1, got {args.gpus_per_node}")
     if args.chain < 1:
         raise ConfigError(f"--chain must be at least 1, got {args.chain}")
-    for flag, value in (("--warning", args.warning), ("--rdzv-timeout", args.rdzv_timeout),
+    warning = 1 if args.warning is None else args.warning  # None: computed below
+    for flag, value in (("--warning", warning), ("--rdzv-timeout", args.rdzv_timeout),
                         ("--shutdown-timeout", args.shutdown_timeout)):
         if value <= 0:
             raise ConfigError(f"{flag} must be positive, got {value}")
@@ -106,6 +109,7 @@ def build_spec(args) -> JobSpec:
         except FileNotFoundError as e:
             raise ConfigError(f"--init-from: {e}") from None
     Layout.of(cfg, args.nodes * args.gpus_per_node)
+    warning_s = checkpoint_warning(cfg, args)
     env = {}
     for item in args.env:
         name, sep, value = item.partition("=")
@@ -125,8 +129,24 @@ def build_spec(args) -> JobSpec:
         time=args.time,
         partition=args.partition, account=args.account, mem=args.mem,
         cpus_per_task=args.cpus_per_task or args.gpus_per_node * (CPUS_PER_GPU if gpus else 1),
-        warning_s=args.warning, max_restarts=args.max_restarts, rdzv_timeout_s=args.rdzv_timeout,
+        warning_s=warning_s, max_restarts=args.max_restarts, rdzv_timeout_s=args.rdzv_timeout,
         shutdown_timeout_s=args.shutdown_timeout, env=env, sbatch_options=list(args.sbatch))
+
+
+def checkpoint_warning(cfg, args) -> int:
+    """Seconds of warning before the time limit: enough for the save `lcl plan` estimates, plus a
+    margin (plan/checkpoint.py). One given with --warning is kept, with a note when it is shorter."""
+    from lcl_megatron.plan.checkpoint import estimate_save
+    from lcl_megatron.plan.costs import make_plan
+
+    needed = estimate_save(make_plan(cfg, args.nodes, args.gpus_per_node), cfg).warning_s
+    if args.warning is None:
+        return max(DEFAULT_WARNING_S, needed)
+    if args.warning < needed:
+        print(f"lcl launch slurm: note: --warning {args.warning} s is shorter than the {needed} s `lcl plan` "
+              "estimates a checkpoint needs; a save cut off by the time limit leaves the previous checkpoint",
+              file=sys.stderr)
+    return args.warning
 
 
 class SubmitError(RuntimeError):

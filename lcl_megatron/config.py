@@ -223,6 +223,15 @@ class CheckpointConfig:
     """steps between checkpoints; 0: only at the end"""
     keep: int = 3
     """newest complete checkpoints kept"""
+    consolidate: str = "end"
+    """when a save also writes the single-process model.safetensors: 'end' (the run's last save), 'every' save,
+    or N (every N-th save and the last); without it eval and convert read DeepSpeed's files"""
+    async_save: bool = True
+    """write checkpoints in a background thread from a host copy of the state while training goes on; a file whose
+    copy would take more than its share of half the free host memory (shared by the node's ranks) is written before
+    training resumes"""
+    timeout_s: float = 3600.0
+    """how long ranks wait for each other during a save (a gloo group of its own, not parallel.timeout_s)"""
 
 
 @dataclass
@@ -575,6 +584,10 @@ def validate_config(cfg: Config, check_data: bool = True) -> None:
     _require(p.timeout_s > 0, "parallel.timeout_s", "must be positive")
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    consolidate = str(cfg.checkpoint.consolidate)
+    _require(consolidate in ("end", "every") or (consolidate.isdigit() and int(consolidate) >= 1),
+             "checkpoint.consolidate", f"must be 'end', 'every' or a number of saves >= 1, got {consolidate!r}")
+    _require(cfg.checkpoint.timeout_s > 0, "checkpoint.timeout_s", "must be positive")
     _require(cfg.logging.every >= 1, "logging.every", "must be >= 1")
     _require(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     _require(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")

@@ -1,12 +1,12 @@
 """The checkpoint format: its file names, its manifest, how a checkpoint is found, and safe reads and writes.
 
 A checkpoint is the directory `<run>/checkpoints/step_XXXXXXXX/`. It counts as
-complete only once every rank has written its files and rank 0 has written
-`COMPLETE` (a manifest with each file's size and SHA-256); `latest` is then
-replaced atomically. A crash mid-save therefore leaves the previous checkpoint
-as the newest complete one. Every load checks the files it reads against the
-manifest (size and SHA-256), so a damaged checkpoint is refused, never trained
-on or evaluated. Loading never unpickles code: DeepSpeed's files are read with
+complete only once every rank has written and hashed its own files and rank 0
+has written `COMPLETE`, a manifest assembled from what every rank reports
+(each file's size and SHA-256); `latest` is then replaced atomically. A crash
+mid-save therefore leaves the previous checkpoint as the newest complete one.
+Every load checks the files it reads against the manifest (size and SHA-256),
+so a damaged checkpoint is refused, never trained on or evaluated. Loading never unpickles code: DeepSpeed's files are read with
 `weights_only=True` and an allow-list of the plain data classes they contain.
 """
 
@@ -32,6 +32,7 @@ CHECKPOINTS_DIR = "checkpoints"  # under the run directory
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 MODEL_FILE = "model.safetensors"
+_MODEL_PART = re.compile(r"^model\.stage(\d{3})\.safetensors$")  # a pipeline stage's share of MODEL_FILE
 CONFIG_FILE = "config.yaml"
 # The layout-free training state (checkpoint/training_state.py):
 OPTIMIZER_TENSORS = "optimizer.safetensors"  # fp32/NAME, exp_avg/NAME, exp_avg_sq/NAME
@@ -50,6 +51,14 @@ def tag_for(step: int) -> str:
 
 def is_step_directory(path: Path) -> bool:
     return _STEP_DIR.match(Path(path).name) is not None
+
+
+def model_part_file(stage: int) -> str:
+    return f"model.stage{stage:03d}.safetensors"
+
+
+def is_model_part(name: str) -> bool:
+    return _MODEL_PART.match(name) is not None
 
 
 def loader_file(dp_rank: int) -> str:
@@ -82,10 +91,30 @@ def safe_torch_load(path, map_location="cpu"):
 
 
 class SafeCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch engine with atomic saves and weights-only loads."""
+    """DeepSpeed's torch engine with atomic saves and weights-only loads; every file it
+    writes is hashed on this rank and recorded in `written` (path -> manifest entry), so
+    that the manifest needs no rank to read another's files.
+
+    With `deferred` set to a list, `save` writes nothing: it appends (path, a writer of a
+    host copy of the state, the copy's bytes) for a background writer (checkpoint/manager.py),
+    so training goes on while the files are written; a state whose copy would take more than
+    its rank's share (LOCAL_WORLD_SIZE) of half the free host memory is written at once instead."""
+
+    def __init__(self, config_params=None):
+        super().__init__(config_params)
+        self.written: dict[str, dict] = {}
+        self.deferred: list | None = None
 
     def save(self, state_dict, path: str):
-        atomic_write(path, lambda tmp: torch.save(state_dict, tmp))
+        size = tensor_bytes(state_dict)
+        # The copy must leave room for the rest of the job (the loader's workers, the next copies),
+        # and every rank of the node copies its state at the same time.
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if self.deferred is not None and size < host_memory_available() // (2 * local_ranks):
+            state = host_copy(state_dict)
+            self.deferred.append((path, lambda tmp: torch.save(state, tmp), size))
+        else:
+            self.written[str(path)] = write_hashed(path, lambda tmp: torch.save(state_dict, tmp))
 
     def load(self, path: str, map_location=None):
         return safe_torch_load(path, map_location=map_location)
@@ -99,12 +128,84 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(ckpt_dir: Path, meta: dict) -> None:
+def file_entry(path: Path) -> dict:
+    """A file's manifest entry: its size and SHA-256."""
+    return {"bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
+def write_hashed(path, write) -> dict:
+    """`atomic_write` that also returns the manifest entry of what was written (hashed from the
+    temporary file before it is renamed, while its pages are still cached)."""
+    entry = {}
+
+    def write_and_hash(tmp: Path):
+        write(tmp)
+        entry.update(file_entry(tmp))
+    atomic_write(path, write_and_hash)
+    return entry
+
+
+def host_copy(obj):
+    """A copy of a state dict whose tensors live in host memory and share nothing with the
+    live ones (which training goes on changing); other values are kept as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, host_copy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+
+def host_memory_available() -> int:
+    """Bytes of host memory the kernel can give without swapping (MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) state dict."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def unlisted_files(ckpt_dir: Path, listed) -> list[str]:
+    """Files in a checkpoint directory that no rank reported (DeepSpeed's recovery scripts)."""
+    return sorted(str(p.relative_to(ckpt_dir)) for p in Path(ckpt_dir).rglob("*")
+                  if p.is_file() and p.name != COMPLETE and not p.name.endswith(".tmp")
+                  and str(p.relative_to(ckpt_dir)) not in listed)
+
+
+def assemble_manifest(reports: list[dict], meta: dict) -> dict:
+    """The manifest from every rank's report of the files it wrote (relative name -> entry).
+    A file two ranks report with different contents means two writers raced: refused."""
     files = {}
-    for path in sorted(ckpt_dir.rglob("*")):
-        if path.is_file() and path.name != COMPLETE and not path.name.endswith(".tmp"):
-            files[str(path.relative_to(ckpt_dir))] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-    atomic_write_text(ckpt_dir / COMPLETE, json.dumps({**meta, "files": files}, indent=1))
+    for rank, report in enumerate(reports):
+        for name, entry in report.items():
+            if name in files and files[name] != entry:
+                raise CheckpointError(f"two ranks wrote '{name}' with different contents (rank {rank} is one)")
+            files[name] = entry
+    return {**meta, "files": dict(sorted(files.items()))}
+
+
+def write_manifest(ckpt_dir: Path, meta: dict, files: dict | None = None) -> None:
+    """`COMPLETE`, written last: `files` as the writers reported them, and every other file in the
+    directory hashed here (all of them when `files` is None, as one-process writers do)."""
+    ckpt_dir = Path(ckpt_dir)
+    files = dict(files or {})
+    files.update((name, file_entry(ckpt_dir / name)) for name in unlisted_files(ckpt_dir, files))
+    atomic_write_text(ckpt_dir / COMPLETE, json.dumps({**meta, "files": dict(sorted(files.items()))}, indent=1))
 
 
 def read_manifest(ckpt_dir: Path) -> dict:
@@ -235,9 +336,15 @@ def open_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
     return ckpt, read_manifest(ckpt)
 
 
-def save_model_file(state_dict: dict, path: Path) -> None:
+def safetensors_writer(state_dict: dict):
+    """A writer (for `write_hashed`) of these tensors as a safetensors file."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    return lambda tmp: save_file(tensors, str(tmp))
+
+
+def save_model_file(state_dict: dict, path: Path) -> dict:
+    """A safetensors file written atomically; returns its manifest entry."""
+    return write_hashed(path, safetensors_writer(state_dict))
 
 
 def load_safetensors_bytes(data: bytes) -> dict:

@@ -10,7 +10,8 @@ parameter's full fp32 master and Adam moments (ZeRO 0-3, pipeline stages,
 TP shards joined) are named as in the single-process model. That canonical
 training state is written to OUT:
 
-    model.safetensors      the source's consolidated weights (copied)
+    model.safetensors      the source's consolidated weights (copied, or joined from its stages' parts or
+                           its DeepSpeed files when it has none)
     optimizer.safetensors  fp32/NAME, exp_avg/NAME, exp_avg_sq/NAME, canonical names and shapes
     optimizer.json         Adam's step, the LR scheduler, the engine's step/sample counters
     loader_dpXXXXX.json    the data position of every target data-parallel rank
@@ -33,7 +34,7 @@ from pathlib import Path
 from lcl_megatron.checkpoint.consolidated import read_checkpoint, write_config
 from lcl_megatron.checkpoint.deepspeed_files import UnreadableCheckpoint
 from lcl_megatron.checkpoint.format import (LOADER_STATES, MODEL_FILE, OPTIMIZER_STATE, OPTIMIZER_TENSORS, engine_files,
-                                            loader_file, open_checkpoint, write_manifest)
+                                            loader_file, open_checkpoint, save_model_file, write_manifest)
 from lcl_megatron.checkpoint.training_state import check_canonical_state, write_canonical_state
 from lcl_megatron.config import Config, ConfigError, ParallelConfig, validate_config
 from lcl_megatron.convert.output import add_output_flags, atomic_directory, write_guarded
@@ -106,7 +107,7 @@ def _write_loader_states(ckpt: Path, out: Path, cfg: Config, source_dp: int, tar
 
 def reshard(src: Path, out: Path, layout: dict, weights_only: bool = False) -> Path:
     ckpt, manifest = open_checkpoint(src)  # every listed file present, full size, SHA-256
-    cfg, _ = read_checkpoint(ckpt)  # the config against the consolidated tensors
+    cfg, weights = read_checkpoint(ckpt)  # the config against the consolidated tensors
     world = int(manifest.get("world_size", 1))
     source_dp = world // (cfg.parallel.tp * cfg.parallel.pp)
     target = target_config(cfg, layout, source_dp)
@@ -121,7 +122,10 @@ def reshard(src: Path, out: Path, layout: dict, weights_only: bool = False) -> P
             else:
                 write_canonical_state(ckpt, tmp, cfg, world)
             check_canonical_state(tmp, cfg, what=f"optimizer state of '{ckpt}'")
-        shutil.copyfile(ckpt / MODEL_FILE, tmp / MODEL_FILE)
+        if MODEL_FILE in manifest["files"]:
+            shutil.copyfile(ckpt / MODEL_FILE, tmp / MODEL_FILE)
+        else:
+            save_model_file(weights, tmp / MODEL_FILE)
         write_config(tmp, target)
         _write_loader_states(ckpt, tmp, cfg, source_dp, layout["dp"])
         source_layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": source_dp,

@@ -10,6 +10,7 @@ import math
 
 from lcl_megatron.config import Config, ConfigError, load_config, validate_config
 from lcl_megatron.layout import Layout
+from lcl_megatron.plan.checkpoint import DISK_GIB_S, estimate_save
 from lcl_megatron.plan.costs import make_plan
 from lcl_megatron.plan.report import format_plan
 
@@ -33,10 +34,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", required=True, help="YAML config")
     parser.add_argument("--nodes", type=int, default=None, help="default: the fewest whole nodes the layout fills")
     parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--disk-gib-s", type=float, default=DISK_GIB_S,
+                        help="checkpoint write bandwidth per rank, GiB/s (default %(default)s)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides, validate=False)
+    if args.disk_gib_s <= 0:
+        raise ConfigError(f"--disk-gib-s must be positive, got {args.disk_gib_s}")
     layout = checked_layout(cfg, args.nodes, args.gpus_per_node)  # user errors fail before the model is built
     plan = make_plan(cfg, layout.nodes, args.gpus_per_node)
-    print(format_plan(plan, cfg, args.config))
+    print(format_plan(plan, cfg, args.config, estimate_save(plan, cfg, args.disk_gib_s)))
     return 0

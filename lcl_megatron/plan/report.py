@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lcl_megatron.config import Config, steps_for
 from lcl_megatron.layout import nodes_text
+from lcl_megatron.plan.checkpoint import SaveEstimate, describe_estimate
 from lcl_megatron.plan.costs import Plan
 
 GiB = 1024 ** 3
@@ -21,7 +22,7 @@ def _table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> l
     return [fmt(header)] + [fmt(r) for r in rows]
 
 
-def format_plan(plan: Plan, cfg: Config, source: str) -> str:
+def format_plan(plan: Plan, cfg: Config, source: str, save: SaveEstimate) -> str:
     lay, t, v, tr = plan.layout, cfg.model.text, cfg.model.vision, cfg.train
     on = lambda flag: "on" if flag else "off"
     lines = [
@@ -58,6 +59,7 @@ def format_plan(plan: Plan, cfg: Config, source: str) -> str:
         f"step        {plan.model_flops / 1e15:,.2f} PFLOP model (6 x params x tokens + attention), "
         f"{plan.hardware_flops / 1e15:,.2f} PFLOP with recomputation",
     ]
+    lines += describe_estimate(save, cfg)
     if plan.balanced_first_stage_layers not in (None, plan.stage_layers[0]):
         lines.append(f"note        LM layers per stage: {' / '.join(map(str, plan.stage_layers))}; "
                      f"parallel.pp_first_stage_layers={plan.balanced_first_stage_layers} would balance the "

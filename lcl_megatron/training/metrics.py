@@ -85,6 +85,16 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(values, step, "eval")
 
+    def log_checkpoint(self, step: int, values: dict) -> None:
+        """A save's time, size and memory: a row of metrics.jsonl (without `loss`, like evaluations')."""
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key in ("checkpoint_save_s", "checkpoint_blocking_s"):
+                self.tb.add_scalar(f"checkpoint/{key[len('checkpoint_'):]}", values[key], step)
+
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()

@@ -134,7 +134,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     from megatron.core import parallel_state
 
     from lcl_megatron.checkpoint.format import CHECKPOINTS_DIR, newest_checkpoint
-    from lcl_megatron.checkpoint.manager import load_checkpoint, pick_resume_checkpoint, save_checkpoint
+    from lcl_megatron.checkpoint.manager import CheckpointSaver, load_checkpoint, pick_resume_checkpoint
     from lcl_megatron.parallel import init_distributed, is_main_process
     from lcl_megatron.training.engine import build_engine, is_pipeline, restore_fp32_parameters
     from lcl_megatron.training.initial_model import build_initial_model
@@ -167,16 +167,22 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     if is_main_process():
         print(f"lcl train: {describe_backends(cfg, engine, loader, model.backend.name)}", flush=True)
 
-    def save(step: int) -> Path:
+    saver = CheckpointSaver(engine, ckpt_root, cfg, config_text, dp_rank)
+
+    def save(step: int, last: bool = False) -> Path:
         try:
-            return save_checkpoint(engine, ckpt_root, step, config_text=config_text,
-                                   loader_state=loader.state_dict() if reader else None, dp_rank=dp_rank,
-                                   keep=cfg.checkpoint.keep, vocab_size=cfg.model.text.vocab_size)
+            ckpt = saver.save(step, loader.state_dict() if reader else None, final=step == cfg.train.steps)
+            if last:  # the process leaves after it: its files must be on disk
+                saver.wait()
         except DiskFull as e:
             intact = newest_checkpoint(ckpt_root)
             raise DiskFull(f"{e}; the checkpoint of step {step} was not saved, "
                            + (f"{intact} is intact: free space, then continue with --resume" if intact else
                               "and there is no earlier one: free space and start again")) from None
+        while saver.finished:  # rank 0: the saves completed by now, into metrics.jsonl
+            row = saver.finished.pop(0)
+            log.log_checkpoint(row.pop("checkpoint_step"), row)
+        return ckpt
     step = 0
     if newest is not None:
         step, loader_state = load_checkpoint(engine, newest, dp_rank)
@@ -235,7 +241,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
             if cfg.eval.every and step % cfg.eval.every == 0:
                 evaluate_during_training(model, engine, cfg, log, step)
         # A requeued or chained job that resumes at its end has nothing left to save.
-        final = newest if newest is not None and step == resumed_step else save(step)
+        final = newest if newest is not None and step == resumed_step else save(step, last=True)
         if cfg.data.heldout and step == cfg.train.steps:
             last["zeroshot_top1"] = evaluate_final(model, engine, cfg, log, step)
     except torch.OutOfMemoryError:

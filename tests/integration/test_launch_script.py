@@ -122,3 +122,23 @@ def test_local_dry_run_prints_torchrun_with_resume(capsys, tmp_path):
                     "--max-restarts=2", "-m", "lcl_megatron.cli", "train", "--config", str(config), "--resume",
                     f"run.dir={tmp_path}/run"]
     assert local.main(["--config", str(config), "--nproc", "3", "--dry-run", "parallel.tp=2"]) == 2
+
+
+def test_the_warning_leaves_time_for_the_planned_checkpoint_save(capsys, tmp_path):
+    from lcl_megatron.config import load_config
+    from lcl_megatron.plan.checkpoint import estimate_save
+    from lcl_megatron.plan.costs import make_plan
+
+    big = ["data.path=embedded:digits", "parallel.pp=1", "parallel.zero_stage=0", "train.precision=fp32",
+           f"run.dir={tmp_path / 'run'}"]
+    needed = estimate_save(make_plan(load_config("configs/lcl_vit_6b_llama7b.yaml", big), 2, 8),
+                           load_config("configs/lcl_vit_6b_llama7b.yaml", big)).warning_s
+    assert needed > 300
+    code, script, err = dry_run(capsys, "--config", "configs/lcl_vit_6b_llama7b.yaml", "--nodes", "2",
+                                "--gpus-per-node", "8", *big)
+    assert code == 0, err
+    assert f"#SBATCH --signal=USR1@{needed}" in script.splitlines()
+    code, script, err = dry_run(capsys, "--config", "configs/lcl_vit_6b_llama7b.yaml", "--nodes", "2",
+                                "--gpus-per-node", "8", "--warning", "60", *big)
+    assert code == 0 and "#SBATCH --signal=USR1@60" in script.splitlines()
+    assert f"shorter than the {needed} s" in err

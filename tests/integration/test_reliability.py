@@ -196,6 +196,27 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path):
     assert "second Ctrl-C" in stderr and "checkpoint written" not in stderr
 
 
+def test_a_kill_during_a_background_save_leaves_the_previous_checkpoint_for_resume(run, tmp_path):
+    from lcl_megatron.checkpoint.format import resolve_checkpoint, verify_checkpoint
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run, run_dir)
+    third = run_dir / "checkpoints" / "step_00000003"
+    args = train_args(run_dir, "train.steps=100000", "checkpoint.every=1", "checkpoint.keep=2", "data.heldout=",
+                      "checkpoint.async_save=true", "--resume")
+    proc = subprocess.Popen(LCL + args, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not third.exists():  # training goes on while the background thread writes step 3's files
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert not (third / COMPLETE).exists()
+    assert resolve_checkpoint(run_dir) == run_dir / "checkpoints" / STEP2  # what --resume and eval take
+    verify_checkpoint(run_dir / "checkpoints" / STEP2)
+
+
 def test_files_follow_the_umask(run):
     umask = os.umask(0)
     os.umask(umask)

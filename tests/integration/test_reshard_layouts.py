@@ -100,8 +100,8 @@ def test_canonical_state_round_trip_into_another_engine(tmp_path):
     from safetensors.torch import load_file
 
     from lcl_megatron.config import load_config
-    from lcl_megatron.checkpoint.consolidated import write_model_file
-    from lcl_megatron.checkpoint.format import OPTIMIZER_TENSORS, write_manifest
+    from lcl_megatron.checkpoint.consolidated import gather_model_file
+    from lcl_megatron.checkpoint.format import OPTIMIZER_TENSORS, save_model_file, write_manifest
     from lcl_megatron.checkpoint.training_state import load_canonical_state, write_canonical_state
     from lcl_megatron.parallel import init_distributed
     from lcl_megatron.training.engine import build_engine
@@ -124,7 +124,8 @@ def test_canonical_state_round_trip_into_another_engine(tmp_path):
     plain_train_step(source, batches, cfg, 1)
     saved = tmp_path / "saved"
     first = save_canonical(source, cfg, saved)
-    write_model_file(source, saved, vocab)
+    name, tensors = gather_model_file(source, vocab)
+    save_model_file(tensors, saved / name)
     write_manifest(saved, {"step": 1})
 
     target_cfg = load_config("configs/demo.yaml", with_overrides(tiny, "parallel.zero_stage=3", "train.seed=99"))

@@ -23,9 +23,10 @@ TINY = TINY_MODEL + [
 # `lcl train` runs of one process: per-process micro-batches of 4, steps and evaluation set by the test.
 TRAIN_BASE = [t for t in TINY if not t.startswith(("train.steps", "data.split", "data.heldout"))] + [
     "train.micro_batch_size=4"]
-# Checkpoint-conversion runs: two steps of micro-batch 2, a checkpoint after each.
-CHECKPOINTS = TINY_MODEL + ["train.steps=2", "train.micro_batch_size=2", "checkpoint.every=1", "data.heldout=",
-                            "logging.progress=false", "logging.tensorboard=false"]
+# Checkpoint-conversion runs: two steps of micro-batch 2, a checkpoint after each, each with model.safetensors.
+CHECKPOINTS = TINY_MODEL + ["train.steps=2", "train.micro_batch_size=2", "checkpoint.every=1",
+                            "checkpoint.consolidate=every", "data.heldout=", "logging.progress=false",
+                            "logging.tensorboard=false"]
 
 
 def with_base(*extra) -> list[str]:

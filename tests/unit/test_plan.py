@@ -11,7 +11,7 @@ import pytest
 
 from lcl_megatron.layout import lm_layers_per_stage
 from lcl_megatron.cli import main as lcl
-from lcl_megatron.plan import costs, report
+from lcl_megatron.plan import checkpoint, costs, report
 from lcl_megatron.config import load_config
 from tests.support.launch import REPO
 
@@ -147,6 +147,20 @@ def test_memory_follows_zero_stage_and_checkpointing():
     assert ckpt.hardware_flops > ckpt.model_flops == s.model_flops
 
 
+def test_save_estimate_follows_what_each_rank_writes():
+    base = ["parallel.tp=1", "train.precision=bf16"]
+    plans = {z: costs.make_plan(tiny(base + [f"parallel.zero_stage={z}"]), nodes=1, gpus_per_node=4) for z in (0, 1, 3)}
+    est = {z: checkpoint.estimate_save(p, tiny(base), disk_gib_s=1.0) for z, p in plans.items()}
+    n = plans[0].stages[0].params
+    assert est[0].busiest_rank_bytes == est[0].total_bytes == 14 * n  # DP rank 0 writes weights and optimizer
+    assert est[1].busiest_rank_bytes == 2 * n + 12 * n / 4 and est[1].total_bytes == 14 * n  # optimizer split 4 ways
+    assert est[3].busiest_rank_bytes == 14 * n / 4 == est[3].total_bytes / 4  # ZeRO-3: every rank alike
+    assert est[1].seconds == pytest.approx(2 * est[1].busiest_rank_bytes / report.GiB)  # write, then hash, 1 GiB/s
+    slower = checkpoint.estimate_save(plans[1], tiny(base), disk_gib_s=0.25)
+    assert slower.seconds > est[1].seconds and slower.warning_s >= est[1].warning_s
+    assert est[1].warning_s >= est[1].seconds + est[1].consolidated_seconds + checkpoint.WARNING_MARGIN_S
+
+
 INVALID = [
     (["parallel.tp=3"], 1, 3, "ViT heads (4)"),
     (["model.vision.head_width=16", "parallel.tp=8"], 1, 8, "LM heads (4)"),
@@ -186,6 +200,7 @@ def test_large_configs_print_a_table(capsys, name, nodes, vit_params):
     out = capsys.readouterr().out
     assert f"{nodes * 8} GPUs = {nodes} nodes x 8" in out
     assert "memory per GPU" in out and "compute and communication per GPU per step" in out
+    assert "GiB per save" in out and "Slurm's warning (--warning) >= " in out
     planned = costs.make_plan(load_config(path, validate=False), nodes, 8)
     assert f"parameters  {planned.total_params:,}" in out
     assert vit_params[0] < planned.group_params["ViT"] < vit_params[1]
