@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.reference_batch < 1:
-        raise ConfigError(f"--steps, --rounds and --reference-batch must be >= 1 and --warmup >= 0")
+        raise ConfigError("--steps, --rounds and --reference-batch must be >= 1 and --warmup >= 0")
     if args.reference and args.synthetic:
         raise ConfigError("--reference times both sides on pair shards it writes; drop --synthetic")
     if args.write and not args.reference:

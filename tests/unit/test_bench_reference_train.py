@@ -8,9 +8,11 @@ import torch
 
 from lcl_megatron.bench import reference_train
 from lcl_megatron.bench.train import REFERENCE_SECTION, reference_markdown
+from lcl_megatron.bench.train import main as bench_train_main
 from lcl_megatron.config import DataConfig, load_config
 from lcl_megatron.data.loader import build_train_loader
 from lcl_megatron.data.sequences import image_run
+from lcl_megatron.errors import UserError
 from lcl_megatron.tokenizer import get_tokenizer
 from lcl_megatron.tokens import EOT_ID, PAD_ID, SOT_ID
 from tests.support import reference_lcl
@@ -90,3 +92,10 @@ def test_markdown_row_says_whether_the_goal_is_met():
     text = reference_markdown(result)
     assert text.startswith(REFERENCE_SECTION) and "2.50x (met" in text
     assert "1.50x (NOT met" in reference_markdown({**result, "speedup": 1.5})
+
+
+def test_without_the_oracle_the_bench_says_so_before_any_work(monkeypatch, tmp_path):
+    monkeypatch.setattr(reference_train, "ORACLE_PATH", tmp_path / "reference_lcl.py")
+    assert reference_train.load_oracle() is None
+    with pytest.raises(UserError, match="^reference oracle not available"):
+        bench_train_main(["--config", str(CONFIG), "--reference"])
