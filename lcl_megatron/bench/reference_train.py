@@ -8,7 +8,8 @@ does not depend on its tests), and is absent from an installed package.
 The reference's step as its training code runs it: one image-text pair per
 row, padded with id 0 to the context length; the LM head over every position,
 the predicted ones kept afterwards; plain `torch.optim.AdamW` (OpenCLIP's
-parameter groups); the logit scale clamped after the update.
+parameter groups) under the same learning-rate schedule as ours; the logit
+scale clamped after the update.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from PIL import Image as PILImage
 
 from lcl_megatron.config import Config
 from lcl_megatron.data.shards import write_shard
+from lcl_megatron.training.optim import build_scheduler
 
 ORACLE_PATH = Path(__file__).resolve().parents[2] / "tests" / "support" / "reference_lcl.py"
 CAPTION_WORDS = 20  # about one BPE token per common word
@@ -96,6 +98,7 @@ class ReferenceStep:
             [{"params": [p for n, p in named if _no_weight_decay(n, p)], "weight_decay": 0.0},
              {"params": [p for n, p in named if not _no_weight_decay(n, p)], "weight_decay": o.weight_decay}],
             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        self.scheduler = build_scheduler(self.optimizer, cfg)  # the reference's warm-up and cosine, as ours
 
     def outputs(self, images: torch.Tensor, input_ids: torch.Tensor) -> dict:
         """The oracle's forward with the head over every position, as the reference runs it."""
@@ -116,6 +119,7 @@ class ReferenceStep:
                                               self.cfg.loss.contrastive_weight)
         losses["loss"].backward()
         self.optimizer.step()
+        self.scheduler.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, self.cfg.model.max_logit_scale)
         return losses["loss"].detach()
