@@ -195,7 +195,7 @@ def reference_markdown(result: dict) -> str:
     return "\n".join([
         REFERENCE_SECTION, "",
         f"`lcl bench train --config configs/bench_reference_pairs.yaml --reference`, {r['date']}, on "
-        f"{r['machine']} (load average {r['load_average']:.1f}), {r['threads']} torch threads on both sides, "
+        f"{r['machine']} (load average {r['load_average']:.1f}), torch threads: {r['threads']} on both sides, "
         f"torch {r['torch']}, one process. The reference's small shape (ViT 4 x 128, patch 8, 32 px; LM 4 x 128, "
         f"context 128; image-text pairs with ~20-token captions; forward + backward + AdamW), both sides on the "
         f"same pair shards, from batches decoded beforehand, in {r['rounds']} alternating rounds of "
