@@ -33,18 +33,15 @@ from kernels.collectives import all_gather_into
 from kernels.cross_entropy_rows import row_softmax
 
 # Bytes of one chunk of logits by default: large chunks keep the fp32 weight-gradient
-# update (a read and write of [V, D] per chunk) rare on GPU. On CPU the chunk stays under
-# glibc's largest mmap threshold (32 MiB): its buffer then comes back from the heap on every
-# call, where a larger one is mapped afresh and every page faulted in again, which on small
-# batches costs more than the extra weight-gradient updates.
-CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 30 << 20}
+# update (a read and write of [V, D] per chunk) rare on GPU; small ones keep CPU memory low.
+CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
 
 
 def default_chunk_rows(n_rows: int, n_cols: int, element_size: int, device: torch.device,
                        chunk_bytes: int | None = None) -> int:
     budget = chunk_bytes if chunk_bytes is not None else CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
     rows = budget // max(1, n_cols * element_size)
-    if rows >= 128:
+    if rows >= 256:
         rows -= rows % 128  # whole matmul tiles
     return max(1, min(n_rows, rows))
 
