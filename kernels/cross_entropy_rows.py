@@ -151,7 +151,8 @@ class TritonRowSoftmax:
 class TorchRowSoftmax:
     """The two passes in torch, with as few sweeps over the chunk as torch allows.
 
-    `stats` leaves exp(l - local max) in a work buffer (kept across chunks);
+    `stats` leaves exp(l - local max) in a work buffer: z itself, unless the
+    scale gradient needs z afterwards (then a buffer kept across chunks);
     `grad` turns it into the gradient with one per-row multiply and a scatter:
     softmax = work * exp(local max - lse), so the global lse of vocabulary
     parallelism costs nothing extra. The gradient lives in the work buffer.
@@ -173,7 +174,9 @@ class TorchRowSoftmax:
         z = z.float()
         self._z_target = torch.where(owned, z.gather(1, index[:, None]).squeeze(1), 0.0) if n_cols else z.new_zeros(rows)
         target_logit = self._z_target * self.scale if self.scale is not None else self._z_target
-        work = self._work(z.shape, z.device)
+        # In place where nothing reads z again: one chunk-sized buffer fewer to allocate and write.
+        work = self._work(z.shape, z.device) if self.want_scale_grad else z
+        self._softmax = work
         if n_cols == 0:
             self._row_max = torch.full((rows,), NEG_BIG, device=z.device)
             self._weighted = z.new_zeros(rows)
@@ -184,7 +187,7 @@ class TorchRowSoftmax:
         else:
             if self.scale is not None:
                 torch.mul(z, self.scale, out=work)
-            else:
+            elif work is not z:
                 work.copy_(z)
             if self.col_valid is not None:
                 work.masked_fill_(~self.col_valid, float("-inf"))
@@ -198,7 +201,7 @@ class TorchRowSoftmax:
 
     def grad(self, z, targets, lse, coef):
         rows, n_cols = z.shape
-        work = self._work(z.shape, z.device)
+        work = self._softmax
         owned, index = _owned_targets(targets, n_cols)
         to_prob = torch.exp(self._row_max - lse)
         scaled_coef = coef * self.scale if self.scale is not None else coef

@@ -67,6 +67,10 @@ def build_engine(cfg: Config, model):
         dist_init_required=False)
     engine.checkpoint_engine = SafeCheckpointEngine()
     verify_groups_match(engine)
+    if dp_size == 1 and not engine.zero_optimization() and not is_pipeline(engine):
+        # Alone, DeepSpeed would still copy every gradient into one flat buffer, "average" it over
+        # one rank and copy it back: three passes over all gradients that change nothing.
+        engine.enable_backward_allreduce = False
     before = measure_grad_norm if not (engine.zero_optimization() or engine.bfloat16_enabled()) else None
     clamp = logit_scale_clamp(engine, logit_scale_range(cfg.model))
     fp32 = cast_fp32_parameters(engine)
