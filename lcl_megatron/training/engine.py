@@ -3,10 +3,10 @@
 Without pipeline parallelism the plain LCL model goes into DeepSpeed's engine
 (ZeRO 0-3); with it the model is cut into stages (model/pipeline.py) for
 DeepSpeed's pipeline engine (ZeRO 0-1). Public DeepSpeed APIs are used where
-they exist; the two things they do not offer (a hook around the optimizer
-update, and the weight/master pieces of one parameter to clamp) use the
-private names in `PRIVATE_API`, which tests/test_deepspeed_adapter.py checks
-against the installed DeepSpeed.
+they exist; what they do not offer (a hook around the optimizer update, the
+weight/master pieces of one parameter to clamp, skipping a lone rank's gradient
+all-reduce) uses the private names in `PRIVATE_API`, which
+tests/unit/test_deepspeed_adapter.py checks against the installed DeepSpeed.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from lcl_megatron.model.pipeline import METRICS
 PRIVATE_API = [
     ("deepspeed.runtime.engine", "DeepSpeedEngine", "_take_model_step", ("self", "lr_kwargs")),
     ("deepspeed.runtime.engine", "DeepSpeedEngine", "_global_grad_norm", None),
+    # read before each gradient all-reduce; off where one data-parallel rank has nothing to reduce
+    ("deepspeed.runtime.engine", "DeepSpeedEngine", "enable_backward_allreduce", None),
     ("deepspeed.runtime.pipe.engine", "PipelineEngine", "agg_additional_losses", None),
     ("deepspeed.runtime.pipe.module", "PipelineModule", "_partition_layers", ("self", "method")),
     ("deepspeed.runtime.pipe.module", "PipelineModule", "_set_bounds", ("self", "start", "stop")),
