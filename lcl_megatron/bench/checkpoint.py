@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 from lcl_megatron.checkpoint.format import SafeCheckpointEngine, read_manifest, verify_checkpoint
 from lcl_megatron.checkpoint.manager import CheckpointSaver
 from lcl_megatron.config import Config
-from lcl_megatron.data.bench import cpu_name
+from lcl_megatron.data.bench import machine_name
 from lcl_megatron.errors import UserError
 from lcl_megatron.utils import atomic_write_text, write_markdown_section
 
@@ -86,7 +86,7 @@ def bench_checkpoint(params: int, ranks: int, saves: int, root: Path, background
     verify_checkpoint(newest)  # every file the manifest lists matches
     files = read_manifest(newest)["files"]
     return {"date": datetime.date.today().isoformat(),
-            "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f})",
+            "machine": f"{machine_name()} (load average {os.getloadavg()[0]:.1f})",
             "params": params, "ranks": ranks, "background": background, "files": len(files),
             "bytes": sum(e["bytes"] for e in files.values()), "saves": rows}
 

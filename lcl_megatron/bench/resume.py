@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from lcl_megatron.config import DataConfig
-from lcl_megatron.data.bench import cpu_name, sample_photos, web_photo
+from lcl_megatron.data.bench import machine_name, sample_photos, web_photo
 from lcl_megatron.data.loader import TrainLoader, build_train_loader, stream_position
 from lcl_megatron.data.shards import write_shard
 from lcl_megatron.errors import UserError
@@ -104,7 +104,7 @@ def bench_resume(root: Path, shards: int, per_shard: int, shuffle_buffer: int, r
     replay = {n: seconds_to_first_batch(cfg, tokenizer, {"batches_consumed": n // BATCH}) for n in REPLAYED}
     streams = {n: positions[n]["streams"][0]["samples"]["datasets"][0] for n in POINTS}
     return {"date": datetime.date.today().isoformat(),
-            "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f})",
+            "machine": f"{machine_name()} (load average {os.getloadavg()[0]:.1f})",
             "shards": shards, "samples_per_shard": per_shard, "shuffle_buffer": shuffle_buffer, "repeats": repeats,
             "epoch": {n: s["epoch"] for n, s in streams.items()},
             "buffered": {n: len(s["buffer"]) for n, s in streams.items()}, "seek_s": seek, "replay_s": replay}

@@ -142,7 +142,7 @@ def bench_against_reference(cfg: Config, oracle, rounds: int, steps: int, warmup
                             reference_batch: int, shards_dir: Path) -> dict:
     from lcl_megatron.bench.reference_train import ReferenceStep, reference_rows, write_pair_shards
     from lcl_megatron.data.global_batch import build_loader
-    from lcl_megatron.data.bench import cpu_name
+    from lcl_megatron.data.bench import machine_name
 
     distinct = 8  # batches decoded per side, then repeated: the loader is not what is timed
     write_pair_shards(shards_dir, shards=4, per_shard=(distinct + 1) * max(reference_batch, 64) // 4,
@@ -177,7 +177,7 @@ def bench_against_reference(cfg: Config, oracle, rounds: int, steps: int, warmup
     cpu_rates = {side: [samples / cpu for _, cpu, samples in runs] for side, runs in timings.items()}
     ours_runs = timings["ours"]
     return {"config": cfg.run.name, "date": datetime.date.today().isoformat(),
-            "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores", "load_average": os.getloadavg()[0],
+            "machine": machine_name(), "load_average": os.getloadavg()[0],
             "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": cfg.train.precision,
             "packing": cfg.data.packing, "rows_per_step": cfg.train.micro_batch_size,
             "reference_rows_per_step": reference_batch, "rounds": rounds, "steps_per_round": steps,

@@ -280,6 +280,11 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_name() -> str:
+    """This machine as benchmark rows name it: CPU model and core count."""
+    return f"{cpu_name()}, {os.cpu_count()} CPU cores"
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lcl bench data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -310,7 +315,7 @@ def main(argv: list[str]) -> int:
     load = os.getloadavg()[0]
     result = {
         "date": datetime.date.today().isoformat(),
-        "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores (load average {load:.1f})",
+        "machine": f"{machine_name()} (load average {load:.1f})",
         "pairs": pairs,
         "documents": {"documents": args.documents, "reference_docs_per_s": reference, "ours_docs_per_s": ours,
                       "ours_token_utilisation": utilisation},

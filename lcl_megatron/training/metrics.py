@@ -38,11 +38,14 @@ class MetricsLogger:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                             dynamic_ncols=True, file=sys.stderr)
 
+    def _write_row(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self._write_row(record)
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -77,8 +80,7 @@ class MetricsLogger:
     def log_eval(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
-        self.file.flush()
+        self._write_row({"step": step, **values})
         if self.tb is not None:
             for key, value in values.items():
                 self.tb.add_scalar(f"eval/{key}", value, step)
@@ -89,8 +91,7 @@ class MetricsLogger:
         """A save's time, size and memory: a row of metrics.jsonl (without `loss`, like evaluations')."""
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
-        self.file.flush()
+        self._write_row({"step": step, **values})
         if self.tb is not None:
             for key in ("checkpoint_save_s", "checkpoint_blocking_s"):
                 self.tb.add_scalar(f"checkpoint/{key[len('checkpoint_'):]}", values[key], step)
