@@ -146,7 +146,7 @@ class LossConfig:
     impl: str = "fused"
     """fused (kernels/: chunked, never all logits at once) or torch (plain)"""
     accumulate_negatives: bool = True
-    """with train.grad_accumulation > 1: each image's contrastive negatives span every micro-batch of the optimizer step and the losses are normalised over the step, so the step's losses and gradients are those of one batch of them all (the reference's accum_freq feature cache; costs one extra forward without gradient per micro-batch); false: each micro-batch alone. Pipeline parallelism (parallel.pp > 1) always contrasts each micro-batch alone"""
+    """with train.grad_accumulation > 1: each image's contrastive negatives span every micro-batch of the optimizer step and the losses are normalised over the step, so the step's losses and gradients are those of one batch of them all (the reference's accum_freq feature cache; costs one extra forward without gradient per micro-batch, under pipeline parallelism a pass of its own through every stage); false: each micro-batch alone"""
 
 
 @dataclass
@@ -295,6 +295,12 @@ class Config:
     """metrics and progress output"""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """evaluations during training"""
+
+    @property
+    def accumulates_negatives(self) -> bool:
+        """Whether a step's contrastive negatives and loss normalisation span all its micro-batches
+        (`loss.accumulate_negatives`; with one micro-batch there is nothing to span)."""
+        return self.loss.accumulate_negatives and self.train.grad_accumulation > 1
 
     @property
     def run_dir(self) -> Path:

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from lcl_megatron.layout import lm_layers_per_stage
+from lcl_megatron.loss import Accumulation
 from lcl_megatron.model import names
 from lcl_megatron.model.dims import exp_logit_scale
 from lcl_megatron.model.layers import run_layers
-from lcl_megatron.model.lcl import LCLModel, encode_images_always, lcl_losses
+from lcl_megatron.model.lcl import LCLModel, contrastive_features, encode_images_always, lcl_losses, loss_counts
 from lcl_megatron.model.sequence_parallel import gather_from_sequence, scatter_to_sequence
 
 
@@ -67,11 +68,22 @@ class LMLayerStage(nn.Module):
         return hidden, latents, num_images, input_ids, attention_mask
 
 
-# What the loss stage reports besides the loss, in the order of its metrics tensor.
-METRICS = ("generation_loss", "contrastive_loss", "regression_loss", "logit_scale")
+# What the loss stage reports, in the order of its metrics tensor (`reported_loss`: see `combine_losses`).
+METRICS = ("reported_loss", "generation_loss", "contrastive_loss", "regression_loss", "logit_scale")
 
 
 class LossStage(nn.Module):
+    """The heads and the losses.
+
+    Gradient accumulation with the reference's feature cache (`Accumulation`)
+    takes two passes over a step's micro-batches: after `record_features()` a
+    forward pass without gradient keeps each micro-batch's contrastive features
+    and counts (and returns zero losses); after `train_on_recorded()` the
+    training pass gives micro-batch j the losses of slot j of the whole step.
+    DeepSpeed's schedules run a stage's forwards in micro-batch order, which the
+    slot count relies on.
+    """
+
     CANONICAL = names.LOSS_BLOCK
 
     def __init__(self, model: LCLModel):
@@ -79,16 +91,45 @@ class LossStage(nn.Module):
         self.context_head, self.lm_head, self.logit_scale = model.text.context_head, model.text.lm_head, model.logit_scale
         self.sequence_parallel = model.text.sequence_parallel
         self.loss_impl, self.loss_weights = model.loss_impl, model.loss_weights
+        self._recorded: list | None = None  # per micro-batch: (counts, image features, context features)
+        self._accumulation: Accumulation | None = None
+        self._slot = 0
+
+    def record_features(self) -> None:
+        self._recorded, self._accumulation = [], None
+
+    def train_on_recorded(self) -> None:
+        counts = torch.stack([counts for counts, _, _ in self._recorded]).sum(0)
+        contrastive = self.loss_weights["contrastive_weight"] > 0  # else no negatives to cache
+        self._accumulation = Accumulation(counts[0], counts[1],
+                                          [image for _, image, _ in self._recorded] if contrastive else [],
+                                          [context for _, _, context in self._recorded] if contrastive else [])
+        self._recorded, self._slot = None, 0
+
+    def stop_accumulating(self) -> None:
+        self._recorded, self._accumulation = None, None
+
+    @property
+    def accumulating(self) -> bool:
+        """Whether the losses are the whole step's shares (see `Accumulation`)."""
+        return self._accumulation is not None
 
     def forward(self, inputs):
         """(loss, the METRICS of this micro-batch stacked in one tensor)."""
         hidden, latents, num_images, input_ids, attention_mask = inputs
         if self.sequence_parallel:
             hidden = gather_from_sequence(hidden)
-        scale = exp_logit_scale(self.logit_scale)
-        out = lcl_losses(latents[: int(num_images.item())], hidden.transpose(0, 1), input_ids, attention_mask.bool(),
-                         context_head=self.context_head, lm_head=self.lm_head, scale=scale, impl=self.loss_impl,
-                         **self.loss_weights)
+        latents, hidden, attention_mask = latents[: int(num_images.item())], hidden.transpose(0, 1), attention_mask.bool()
+        if self._recorded is not None:
+            features = contrastive_features(latents, hidden, input_ids, attention_mask, None, self.context_head)
+            self._recorded.append((torch.stack(loss_counts(input_ids, attention_mask)), *features))
+            return hidden.new_zeros((), dtype=torch.float32), torch.zeros(len(METRICS), device=hidden.device)
+        accumulation = None
+        if self._accumulation is not None:
+            accumulation, self._slot = self._accumulation.at(self._slot), self._slot + 1
+        out = lcl_losses(latents, hidden, input_ids, attention_mask, context_head=self.context_head,
+                         lm_head=self.lm_head, scale=exp_logit_scale(self.logit_scale), impl=self.loss_impl,
+                         accumulation=accumulation, **self.loss_weights)
         return out["loss"], torch.stack([out[name].float() for name in METRICS])
 
 

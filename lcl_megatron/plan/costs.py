@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from lcl_megatron.config import Config
 from lcl_megatron.layout import Layout, lm_layers_per_stage, max_images_per_microbatch
-from lcl_megatron.model.names import stage_of
+from lcl_megatron.model.names import LOSS_BLOCK, stage_of
 
 # ---------------------------------------------------------------- parameters
 
@@ -136,12 +136,14 @@ class Tower:
             return self.layers * self.layer_bytes(tp, act_bytes)
         return self.layers * self.seq * self.batch * self.width / (tp if self.sp else 1) * act_bytes
 
-    def tp_bytes(self, tp: int, act_bytes: int) -> float:
-        """Per micro-batch: 2 all-reduces forward, 2 backward, 2 more when recomputing (SP: the same
-        volume as all-gathers and reduce-scatters); a ring all-reduce moves 2 (t-1)/t of the tensor."""
+    def tp_bytes(self, tp: int, act_bytes: int, feature_pass: bool) -> float:
+        """Per micro-batch: 2 all-reduces forward, 2 backward, 2 more when recomputing and 2 more in
+        the feature cache's pass (SP: the same volume as all-gathers and reduce-scatters); a ring
+        all-reduce moves 2 (t-1)/t of the tensor."""
         if tp == 1 or not self.layers:
             return 0.0
-        per_layer = (6 if self.checkpoint else 4) * 2 * (tp - 1) / tp * self.seq * self.batch * self.width
+        forwards = 1 + self.checkpoint + feature_pass
+        per_layer = (2 * forwards + 2) * 2 * (tp - 1) / tp * self.seq * self.batch * self.width
         return self.layers * per_layer * act_bytes
 
     def forward_flops(self, stage_tensors: list, cfg: Config, images: int, tp: int) -> float:
@@ -170,7 +172,7 @@ class Stage:
     in_flight: int
     recompute_bytes: float  # one checkpointed layer's activations, rebuilt during backward
     model_flops: float  # per GPU per step
-    hardware_flops: float  # with recomputation
+    hardware_flops: float  # with recomputation and the feature cache's forward (`cfg.accumulates_negatives`)
     dp_bytes: float
     tp_bytes: float
     pp_bytes: float
@@ -244,6 +246,10 @@ def _stage(s: _Setup, index: int, stage_layers: list[int]) -> Stage:
                 for x in stage_tensors if not x.name.startswith(layer_prefixes))
     forward = other + sum(x.forward_flops(stage_tensors, cfg, s.images, tp) for x in towers)
     recompute = sum(x.forward_flops(stage_tensors, cfg, s.images, tp) for x in towers if x.checkpoint)
+    # The reference's feature cache: every micro-batch once more forward, without gradient and LM head.
+    feature_pass = cfg.accumulates_negatives
+    lm_head = sum(2 * x.numel(tp) * tokens_per_microbatch(x.name, cfg, s.images)
+                  for x in stage_tensors if x.name.startswith(LOSS_BLOCK["lm_head"] + "."))
 
     # DP gradient traffic for this stage's parameters, per ZeRO stage: 0 and 1 all-reduce (or
     # reduce-scatter + all-gather) once per step; 2 reduce-scatters every micro-batch; 3 also
@@ -252,7 +258,7 @@ def _stage(s: _Setup, index: int, stage_layers: list[int]) -> Stage:
     grads = params * s.pbytes
     dp_bytes = {0: 2, 1: 2, 2: micro_batches + 1, 3: 3 * micro_batches}[lay.zero_stage] * ring * grads
 
-    tp_bytes = sum(x.tp_bytes(tp, act_bytes) for x in towers)
+    tp_bytes = sum(x.tp_bytes(tp, act_bytes, feature_pass) for x in towers)
     if tp > 1 and first:  # vocab-parallel embedding output: one all-reduce forward
         tp_bytes += 2 * (tp - 1) / tp * mbs * t.context_length * t.width * act_bytes
     if tp > 1 and last:  # LM head input gradient all-reduce; cross-entropy max, sum and target logits
@@ -261,7 +267,8 @@ def _stage(s: _Setup, index: int, stage_layers: list[int]) -> Stage:
     # the image bound go forward with the token ids and mask (int64), their gradients come back
     boundaries = (0 if first else 1) + (0 if last else 1)
     floating = (mbs * t.context_length * t.width / (tp if lay.sp_enabled else 1) + s.images * t.width) * act_bytes
-    pp_bytes = boundaries * (2 * floating + 2 * mbs * t.context_length * 8)
+    forward_bytes = floating + 2 * mbs * t.context_length * 8
+    pp_bytes = boundaries * ((1 + feature_pass) * forward_bytes + floating)
 
     zero = lay.zero_stage
     return Stage(
@@ -277,7 +284,7 @@ def _stage(s: _Setup, index: int, stage_layers: list[int]) -> Stage:
         in_flight=min(pp - index, micro_batches),
         recompute_bytes=max([x.layer_bytes(tp, act_bytes) for x in towers if x.checkpoint and x.layers], default=0.0),
         model_flops=3 * forward * micro_batches,
-        hardware_flops=(3 * forward + recompute) * micro_batches,
+        hardware_flops=(3 * forward + recompute + feature_pass * (forward - lm_head)) * micro_batches,
         dp_bytes=dp_bytes,
         tp_bytes=tp_bytes * micro_batches,
         pp_bytes=pp_bytes * micro_batches,

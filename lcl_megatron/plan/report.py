@@ -22,6 +22,14 @@ def _table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> l
     return [fmt(header)] + [fmt(r) for r in rows]
 
 
+def _overheads(cfg: Config) -> str:
+    """What the hardware FLOPs add to the model's."""
+    parts = ["recomputation"] if cfg.parallel.activation_checkpointing_vit or cfg.parallel.activation_checkpointing_lm else []
+    if cfg.accumulates_negatives:
+        parts.append("the feature cache's forward")
+    return "with " + " and ".join(parts) if parts else "nothing added"
+
+
 def format_plan(plan: Plan, cfg: Config, source: str, save: SaveEstimate) -> str:
     lay, t, v, tr = plan.layout, cfg.model.text, cfg.model.vision, cfg.train
     on = lambda flag: "on" if flag else "off"
@@ -51,13 +59,13 @@ def format_plan(plan: Plan, cfg: Config, source: str, save: SaveEstimate) -> str
           _gib(s.total_bytes)] for s in plan.stages], text_columns=2)
     lines += ["", "compute and communication per GPU per step"]
     lines += _table(
-        ["stage", "model TFLOP", "with recompute", "DP GiB", "TP GiB", "PP GiB"],
+        ["stage", "model TFLOP", "hardware TFLOP", "DP GiB", "TP GiB", "PP GiB"],
         [[str(s.index), f"{s.model_flops / 1e12:,.1f}", f"{s.hardware_flops / 1e12:,.1f}", _gib(s.dp_bytes),
           _gib(s.tp_bytes), _gib(s.pp_bytes)] for s in plan.stages])
     lines += [
         "",
         f"step        {plan.model_flops / 1e15:,.2f} PFLOP model (6 x params x tokens + attention), "
-        f"{plan.hardware_flops / 1e15:,.2f} PFLOP with recomputation",
+        f"{plan.hardware_flops / 1e15:,.2f} PFLOP hardware ({_overheads(cfg)})",
     ]
     lines += describe_estimate(save, cfg)
     if plan.balanced_first_stage_layers not in (None, plan.stage_layers[0]):

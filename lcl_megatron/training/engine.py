@@ -12,6 +12,7 @@ tests/unit/test_deepspeed_adapter.py checks against the installed DeepSpeed.
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import torch
 
@@ -19,7 +20,7 @@ from lcl_megatron.config import Config
 from lcl_megatron.layout import max_images_per_microbatch
 from lcl_megatron.model.dims import logit_scale_range
 from lcl_megatron.model.names import FP32_MASTER_ATTRIBUTE, FP32_PARAMETERS
-from lcl_megatron.model.pipeline import METRICS
+from lcl_megatron.model.pipeline import METRICS, LossStage
 
 # DeepSpeed internals this module relies on, as (module, class, name, parameters): a method with
 # those parameters, or (parameters None) an attribute the class (or module, class None) assigns. `_take_model_step`
@@ -128,6 +129,8 @@ def pipeline_stages(cfg: Config, model, dp_size: int):
     from lcl_megatron.model.pipeline import pipeline_layers, stage_boundaries
 
     parts = stage_boundaries(len(model.text.layers), cfg.parallel.pp, cfg.parallel.pp_first_stage_layers)
+    layers = pipeline_layers(model, max_images_per_microbatch(cfg))
+    loss_layer = layers[-1]
 
     class Stages(PipelineModule):
         """The loss stage returns (loss, metrics): the loss goes to DeepSpeed's backward, the metrics to
@@ -135,7 +138,7 @@ def pipeline_stages(cfg: Config, model, dp_size: int):
         and broadcasts them to every stage."""
 
         def __init__(self):
-            super().__init__(layers=pipeline_layers(model, max_images_per_microbatch(cfg)),
+            super().__init__(layers=layers,
                              topology=PipeModelDataParallelTopology(num_pp=cfg.parallel.pp, num_mp=cfg.parallel.tp,
                                                                     num_dp=dp_size),
                              loss_fn=self.split_loss)
@@ -149,12 +152,34 @@ def pipeline_stages(cfg: Config, model, dp_size: int):
 
         def split_loss(self, outputs, _label):
             loss, self.metrics = outputs
-            return loss
+            # Whole-step shares add up over the micro-batches to the step's loss; DeepSpeed divides each
+            # micro-batch's loss by the accumulation count (meant for per-micro-batch means), so it gets them
+            # that many times over.
+            return loss * cfg.train.grad_accumulation if loss_layer.accumulating else loss
 
         def get_additional_losses(self):
             return OrderedDict(zip(METRICS, self.metrics))
 
     return Stages()
+
+
+@contextmanager
+def pipeline_feature_cache(engine, data_iter):
+    """The reference's feature cache under pipeline parallelism: the step's micro-batches run through
+    every stage without gradient (DeepSpeed's inference schedule, `eval_batch`) while the loss stage
+    records their contrastive features and counts; the `train_batch` inside the block trains on them
+    (see `LossStage`). The same micro-batches must come again, in the same order."""
+    loss_stage = next((m for m in engine.module.modules() if isinstance(m, LossStage)), None)  # on the last stage
+    if loss_stage is not None:
+        loss_stage.record_features()
+    try:
+        engine.eval_batch(data_iter, reduce_output=None, bcast_loss=False)
+        if loss_stage is not None:
+            loss_stage.train_on_recorded()
+        yield
+    finally:
+        if loss_stage is not None:
+            loss_stage.stop_accumulating()
 
 
 def pipeline_metrics(engine) -> dict:

@@ -7,6 +7,7 @@ data-parallel ranks.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -16,7 +17,7 @@ from lcl_megatron.layout import max_images_per_microbatch
 from lcl_megatron.loss import Accumulation
 from lcl_megatron.model.lcl import loss_counts
 from lcl_megatron.model.pipeline import METRICS, to_pipeline_batch
-from lcl_megatron.training.engine import pipeline_metrics
+from lcl_megatron.training.engine import pipeline_feature_cache, pipeline_metrics
 
 
 class TrainingError(RuntimeError):
@@ -49,24 +50,13 @@ def _non_finite_error(step: int, loss: float, generation: float, contrastive: fl
                          f"contrastive={contrastive}); {when}")
 
 
-def accumulates_negatives(cfg: Config) -> bool:
-    """Whether a step's contrastive negatives and loss normalisation span all its micro-batches.
-
-    Not with one micro-batch (nothing to span), nor under pipeline parallelism:
-    DeepSpeed's pipeline engine schedules the micro-batches itself, and the
-    feature cache would need a pass of its own through every stage.
-    """
-    return cfg.loss.accumulate_negatives and cfg.train.grad_accumulation > 1 and cfg.parallel.pp == 1
-
-
 def describe_negatives(cfg: Config) -> str:
     """For the start-up line: which images each image is contrasted with."""
     if cfg.train.grad_accumulation == 1:
         return "contrastive negatives from the micro-batch"
-    if accumulates_negatives(cfg):
+    if cfg.accumulates_negatives:
         return f"contrastive negatives from all {cfg.train.grad_accumulation} accumulated micro-batches"
-    why = "pipeline parallel" if cfg.loss.accumulate_negatives else "loss.accumulate_negatives=false"
-    return f"contrastive negatives from each accumulated micro-batch alone ({why})"
+    return "contrastive negatives from each accumulated micro-batch alone (loss.accumulate_negatives=false)"
 
 
 def _forward(engine, batch: dict, **kwargs):
@@ -90,7 +80,7 @@ def step_accumulation(engine, micro_batches: list[dict], cfg: Config) -> Accumul
 def plain_train_step(engine, batches, cfg: Config, step: int) -> dict:
     """One optimizer step over `train.grad_accumulation` micro-batches.
 
-    With `accumulates_negatives`, the step's micro-batches are read first and
+    With `cfg.accumulates_negatives`, the step's micro-batches are read first and
     the losses of each see them all (see `Accumulation`). The numbers stay on
     the device until one read, before the update: the data-parallel mean of the
     losses, the logit scale and the tokens, which also stops the run on a
@@ -99,7 +89,7 @@ def plain_train_step(engine, batches, cfg: Config, step: int) -> dict:
     reads it only on logged steps.
     """
     accumulation = cfg.train.grad_accumulation
-    whole_step = accumulates_negatives(cfg)
+    whole_step = cfg.accumulates_negatives
     micro_batches = [next(batches) for _ in range(accumulation)] if whole_step else None
     cache = step_accumulation(engine, micro_batches, cfg) if whole_step else None
     # loss, generation, contrastive, regression, logit_scale, tokens, images, samples
@@ -139,26 +129,35 @@ def plain_train_step(engine, batches, cfg: Config, step: int) -> dict:
 def pipeline_train_step(engine, batches, cfg: Config, step: int) -> dict:
     """One optimizer step of DeepSpeed's pipeline schedule.
 
-    DeepSpeed's pipeline engine moves each micro-batch to the device itself,
-    and hands every rank the loss stage's metrics averaged over micro-batches
-    and data-parallel ranks. The counts are the first stage's (it reads the batches).
+    The first stage reads the step's micro-batches (later stages take their
+    inputs from the previous one; `batches` holds the last stage's placeholder
+    labels). With `cfg.accumulates_negatives` the pipeline runs them twice: without
+    gradient for the feature cache, then to train (`pipeline_feature_cache`).
+    DeepSpeed moves each micro-batch to the device itself, and hands every rank
+    the loss stage's metrics averaged over micro-batches and data-parallel
+    ranks. The counts are the first stage's.
     """
-    max_images = max_images_per_microbatch(cfg)
-    counts = torch.zeros(3, device=engine.device)  # tokens, images, samples
-
-    def micro_batches():
-        while True:
-            batch = next(batches)
-            counts[0] += batch["attention_mask"].sum()
-            counts[1] += batch["images"].shape[0]
-            counts[2] += samples_in(batch)
-            yield to_pipeline_batch(batch, max_images)
-
+    accumulation, max_images = cfg.train.grad_accumulation, max_images_per_microbatch(cfg)
     first, last = engine.is_first_stage(), engine.is_last_stage()
-    # Later stages take their inputs from the previous one; `batches` holds the last stage's placeholder labels.
-    loss = engine.train_batch(data_iter=micro_batches() if first else batches if last else None)
+    counts = torch.zeros(3)  # tokens, images, samples
+    if first:
+        micro_batches = [next(batches) for _ in range(accumulation)]
+        for batch in micro_batches:
+            counts += torch.stack([batch["attention_mask"].sum(), torch.tensor(batch["images"].shape[0]),
+                                   samples_in(batch)]).float()
+        inputs = [to_pipeline_batch(batch, max_images) for batch in micro_batches]
+
+    def data():
+        return iter(inputs) if first else batches if last else None
+
+    whole_step = cfg.accumulates_negatives
+    with pipeline_feature_cache(engine, data()) if whole_step else nullcontext():
+        engine.train_batch(data_iter=data())
     reported = pipeline_metrics(engine)
-    metrics = torch.stack([loss.detach().float().reshape(())] + [reported[name].float().reshape(()) for name in METRICS])
+    metrics = torch.stack([reported[name].float().reshape(()) for name in METRICS])
+    if whole_step:  # the losses came as shares of the step: DeepSpeed's mean over micro-batches, times their count
+        metrics[:4] *= accumulation
+    counts = counts.to(engine.device)
     if first:
         counts = _dp_mean(counts)
     loss, generation, contrastive, regression, logit_scale, tokens, images, samples = \

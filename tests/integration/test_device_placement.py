@@ -53,8 +53,9 @@ class DeviceEngine:
 
 class DevicePipelineEngine(DeviceEngine):
     """DeepSpeed's pipeline engine for one process holding every stage: it moves each micro-batch's
-    inputs to the device (as `_exec_load_micro_batch` does), runs the stages in order and averages
-    the loss stage's metrics over micro-batches (as its `get_additional_losses` reporting does)."""
+    inputs to the device (as `_exec_load_micro_batch` does), runs the stages in order (without
+    gradient in `eval_batch`) and averages the loss stage's metrics over micro-batches (as its
+    `get_additional_losses` reporting does)."""
 
     def __init__(self, stages):
         super().__init__(nn.Sequential(*stages))
@@ -64,6 +65,12 @@ class DevicePipelineEngine(DeviceEngine):
 
     def is_last_stage(self):
         return True
+
+    def eval_batch(self, data_iter, **_options):
+        with torch.no_grad():
+            for _ in range(GRAD_ACCUMULATION):
+                inputs, _label = next(data_iter)
+                self.module(tuple(t.clone().to(self.device) for t in inputs))
 
     def train_batch(self, data_iter):
         from lcl_megatron.model.pipeline import METRICS

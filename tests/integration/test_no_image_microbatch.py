@@ -10,11 +10,12 @@ from tests.support.launch import REPO, free_port
 from tests.support.configs import TINY
 
 # The layouts whose collectives an image-less rank could skip: ZeRO-3's parameter gathers,
-# TP/SP all-gathers and reduce-scatters, pipeline sends.
+# TP/SP all-gathers and reduce-scatters, pipeline sends; with accumulation, a step whose feature
+# cache holds no image on that rank.
 LAYOUTS = {
-    "dp2_zero3": (2, ["parallel.zero_stage=3"]),
+    "dp2_zero3_accum2": (2, ["parallel.zero_stage=3", "train.grad_accumulation=2"]),
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
-    "pp2_dp2": (4, ["parallel.pp=2", "parallel.zero_stage=1"]),
+    "pp2_dp2_accum2": (4, ["parallel.pp=2", "parallel.zero_stage=1", "train.grad_accumulation=2"]),
 }
 
 

@@ -20,8 +20,10 @@ LAYOUTS = {
     "tp2_sp_accum2": (2, ["parallel.tp=2", "parallel.sp=true", "train.grad_accumulation=2"]),
     "tp2_dp2": (4, ["parallel.tp=2", "parallel.zero_stage=1"]),
     "pp2": (2, ["parallel.pp=2"]),
-    "pp2_dp2": (4, ["parallel.pp=2", "parallel.zero_stage=1"]),
+    "pp2_dp2_accum2": (4, ["parallel.pp=2", "parallel.zero_stage=1", "train.grad_accumulation=2"]),
 }
+# Further layouts for the objectives below: the pipeline's feature cache without data parallelism.
+OBJECTIVE_LAYOUTS = {**LAYOUTS, "pp2_accum2": (2, ["parallel.pp=2", "train.grad_accumulation=2"])}
 
 
 def _train(tmp_path, name, nproc, layout):
@@ -89,7 +91,7 @@ def single_by_objective(tmp_path_factory):
 
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
-@pytest.mark.parametrize("layout", ["dp2_zero3_accum2", "pp2", "tp2"])
+@pytest.mark.parametrize("layout", ["dp2_zero3_accum2", "pp2_accum2", "tp2"])
 def test_objective_under_layout_matches_single_process(tmp_path, single_by_objective, objective, layout):
-    nproc, overrides = LAYOUTS[layout]
+    nproc, overrides = OBJECTIVE_LAYOUTS[layout]
     _assert_same(single_by_objective(objective), _train(tmp_path, layout, nproc, overrides + OBJECTIVES[objective]))

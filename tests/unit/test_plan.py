@@ -147,6 +147,21 @@ def test_memory_follows_zero_stage_and_checkpointing():
     assert ckpt.hardware_flops > ckpt.model_flops == s.model_flops
 
 
+def test_feature_cache_adds_a_forward_without_the_lm_head():
+    """Accumulated negatives: every micro-batch runs forward once more (not the LM head), sending its
+    activations across stage boundaries and TP groups again; the model's FLOPs stay."""
+    base = ["parallel.pp=2", "parallel.tp=2", "train.grad_accumulation=4", "loss.contrastive_weight=1"]
+    plans = {on: costs.make_plan(tiny(base + [f"loss.accumulate_negatives={on}"]), nodes=1, gpus_per_node=4)
+             for on in ("false", "true")}
+    (first_off, last_off), (first_on, last_on) = plans["false"].stages, plans["true"].stages
+    for off, on in ((first_off, first_on), (last_off, last_on)):
+        assert on.model_flops == off.model_flops and off.hardware_flops == off.model_flops
+        assert on.pp_bytes > off.pp_bytes and on.tp_bytes > off.tp_bytes
+    assert first_on.hardware_flops == pytest.approx(first_off.hardware_flops * 4 / 3)
+    # The last stage's extra forward leaves out its LM head: most of this tiny model's stage (vocabulary 49,408).
+    assert 0 < last_on.hardware_flops - last_off.hardware_flops < last_off.model_flops / 3 / 2
+
+
 def test_save_estimate_follows_what_each_rank_writes():
     base = ["parallel.tp=1", "train.precision=bf16"]
     plans = {z: costs.make_plan(tiny(base + [f"parallel.zero_stage={z}"]), nodes=1, gpus_per_node=4) for z in (0, 1, 3)}
