@@ -82,6 +82,7 @@ def prepare_steps(cfg: Config, synthetic: bool):
 
     from lcl_megatron.parallel import init_distributed
     from lcl_megatron.plan.costs import images_per_microbatch
+    from lcl_megatron.training.batches import micro_batch_source, reads_data
     from lcl_megatron.training.engine import build_engine, is_pipeline
     from lcl_megatron.training.initial_model import build_initial_model
     from lcl_megatron.training.step import pipeline_train_step, plain_train_step
@@ -93,8 +94,10 @@ def prepare_steps(cfg: Config, synthetic: bool):
     model = build_initial_model(cfg)
     engine = build_engine(cfg, model)
     step_fn = pipeline_train_step if is_pipeline(engine) else plain_train_step
-    batches = synthetic_batches(cfg, images_per_microbatch(cfg), seed=dp_rank) if synthetic \
-        else iter(build_loader(cfg, dp_rank, dp_size))
+    reader = reads_data(parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank())
+    source = (synthetic_batches(cfg, images_per_microbatch(cfg), seed=dp_rank) if synthetic
+              else build_loader(cfg, dp_rank, dp_size)) if reader else None
+    batches = micro_batch_source(source, engine, reader)  # as `lcl train` feeds its step
     engine.train()
     return model, engine, step_fn, batches, torch.device(engine.device).type
 

@@ -83,3 +83,16 @@ class TimedBatches:
             return next(self.source)
         finally:
             self.waited += time.perf_counter() - start
+
+
+def micro_batch_source(loader, engine, reader: bool):
+    """This rank's micro-batches: read from `loader` (by the `reads_data` rank), received from its
+    tensor-parallel group's reader, or placeholders on pipeline stages after the first."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_rank() > 0:
+        return placeholder_labels()
+    source = iter(loader) if reader else None
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return source
+    return TensorParallelBatches(source, parallel_state.get_tensor_model_parallel_group(), engine.device)

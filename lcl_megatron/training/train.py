@@ -113,21 +113,6 @@ def check_data(cfg: Config) -> None:
             raise ConfigError(f"data.path: {e}") from None
 
 
-def micro_batch_source(loader, engine, reader: bool):
-    """This rank's micro-batches (training/batches.py): read, received from its tensor-parallel
-    group's reader, or placeholders on pipeline stages after the first."""
-    from megatron.core import parallel_state
-
-    from lcl_megatron.training.batches import TensorParallelBatches, placeholder_labels
-
-    if parallel_state.get_pipeline_model_parallel_rank() > 0:
-        return placeholder_labels()
-    source = iter(loader) if reader else None
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return source
-    return TensorParallelBatches(source, parallel_state.get_tensor_model_parallel_group(), engine.device)
-
-
 def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -> dict:
     import torch
     import yaml
@@ -138,7 +123,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: Path | None = None) -
     from lcl_megatron.parallel import init_distributed, is_main_process
     from lcl_megatron.training.engine import build_engine, is_pipeline, restore_fp32_parameters
     from lcl_megatron.training.initial_model import build_initial_model
-    from lcl_megatron.training.batches import TimedBatches, reads_data
+    from lcl_megatron.training.batches import TimedBatches, micro_batch_source, reads_data
     from lcl_megatron.training.metrics import MetricsLogger
     from lcl_megatron.training.profiling import StepProfiler, dump_cuda_memory_snapshot, record_cuda_memory_history
     from lcl_megatron.training.throughput import StepMeter

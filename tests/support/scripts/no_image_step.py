@@ -13,11 +13,10 @@ import torch.distributed as dist
 from lcl_megatron import tokens
 from lcl_megatron.config import load_config
 from lcl_megatron.parallel import init_distributed
-from lcl_megatron.training.batches import reads_data
+from lcl_megatron.training.batches import micro_batch_source, reads_data
 from lcl_megatron.training.engine import build_engine, is_pipeline
 from lcl_megatron.training.initial_model import build_initial_model
 from lcl_megatron.training.step import pipeline_train_step, plain_train_step
-from lcl_megatron.training.train import micro_batch_source
 
 
 def batch(cfg, with_images: bool) -> dict:
