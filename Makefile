@@ -31,11 +31,10 @@ ablation: setup
 
 # Tiers (tests/conftest.py): unit (one process, `make test-fast`, under 2 minutes), integration
 # (several processes, `lcl` end to end), cluster (a real Slurm cluster). `make test` runs all three.
-# Two workers (pytest-xdist), a file each at a time in collection order (tests/conftest.py puts the
-# longest files first); `make test TEST_WORKERS=0` runs in this process alone.
+# Two workers (pytest-xdist), a file each at a time; `make test TEST_WORKERS=0` runs in this process alone.
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: setup
 	$(PY) -m pytest -q tests/unit

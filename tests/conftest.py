@@ -31,21 +31,11 @@ def tier_of(path: Path) -> str | None:
     return first if first in TIERS else None
 
 
-# The files that take minutes (measured with --durations), longest first. `make test` runs files on
-# two workers (pytest-xdist, a file a worker, in collection order): started first, they run beside
-# the many short files instead of ending the run alone.
-LONGEST_FIRST = ("integration/test_docs_commands.py", "integration/test_parallel_equivalence.py",
-                 "integration/test_eval_suite.py", "cluster/test_launch_cluster.py",
-                 "integration/test_reliability.py", "integration/test_reshard_layouts.py")
-
-
 def pytest_collection_modifyitems(items):
     for item in items:
         tier = tier_of(item.path)
         if tier:
             item.add_marker(getattr(pytest.mark, tier))
-    rank = {TESTS / name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(Path(item.path).resolve(), len(rank)))  # stable: the rest as collected
 
 
 class _UnitTierViolation(AssertionError):
