@@ -31,10 +31,12 @@ ablation: setup
 
 # Tiers (tests/conftest.py): unit (one process, `make test-fast`, under 2 minutes), integration
 # (several processes, `lcl` end to end), cluster (a real Slurm cluster). `make test` runs all three.
-# Two workers (pytest-xdist), a file each at a time; `make test TEST_WORKERS=0` runs in this process alone.
+# Unit and integration on two workers (pytest-xdist), a file each at a time (`TEST_WORKERS=0`: this
+# process alone); then the Slurm cluster alone: its restart test's rendezvous timed out beside them.
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests/unit tests/integration
+	$(PY) -m pytest -q tests/cluster
 
 test-fast: setup
 	$(PY) -m pytest -q tests/unit
